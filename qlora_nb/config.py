@@ -12,7 +12,11 @@ import dataclasses, difflib, enum, json, types, typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
-import yaml
+import logging, yaml
+
+# bitsandbytes 0.50 on a CPU tries to fetch an optional kernel from the Hub and warns when it can't; qlora_nb never
+# downloads at run time, so that one logger is quieted (set before bitsandbytes is first imported by anything).
+logging.getLogger('bitsandbytes.backends.cpu.ops').setLevel(logging.ERROR)
 
 # %% ../nbs/00_config.ipynb #079d3de1
 DEFAULT_SYSTEM = '你是一个功底深厚的小说家，请根据指令进行创作。'
