@@ -4,19 +4,21 @@
 
 # %% ../nbs/06_evaluate.ipynb #24551303
 from __future__ import annotations
-import copy, dataclasses, gc, json, math, time
+import copy, dataclasses, gc, json, logging, math, time
 from dataclasses import dataclass, field
 from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+log = logging.getLogger(__name__)
+
 # %% auto #0
-__all__ = ['STOP_TOKENS', 'BAR_METRICS', 'EvalError', 'stop_token_ids', 'gen_config', 'pad_right', 'batch_nll', 'LossResult',
-           'eval_loss', 'prompt_ids', 'pad_left', 'Generation', 'decode_generation', 'generate', 'stop_rate',
-           'length_ratio', 'lcs_len', 'rouge_l', 'chrf', 'sentence_chrf', 'text_metrics', 'Prompt', 'eval_prompts',
-           'find_model_source', 'check_adapter', 'load_for_inference', 'read_loss_log', 'plot_loss_curves',
-           'plot_metric_bars', 'plot_lengths', 'load_eval_records', 'EvalResult', 'measure', 'write_results',
-           'evaluate', 'samples_markdown', 'ChatLog', 'chat']
+__all__ = ['log', 'STOP_TOKENS', 'BAR_METRICS', 'EvalError', 'stop_token_ids', 'load_base', 'gen_config', 'pad_right',
+           'batch_nll', 'LossResult', 'eval_loss', 'prompt_ids', 'pad_left', 'Generation', 'decode_generation',
+           'generate', 'stop_rate', 'length_ratio', 'lcs_len', 'rouge_l', 'chrf', 'sentence_chrf', 'text_metrics',
+           'Prompt', 'eval_prompts', 'find_model_source', 'check_adapter', 'load_for_inference', 'read_loss_log',
+           'plot_loss_curves', 'plot_metric_bars', 'plot_lengths', 'load_eval_records', 'EvalResult', 'measure',
+           'write_results', 'evaluate', 'samples_markdown', 'write_streamer', 'ChatLog', 'chat']
 
 # %% ../nbs/06_evaluate.ipynb #5edf16e7
 class EvalError(ValueError):
@@ -25,18 +27,22 @@ class EvalError(ValueError):
 # %% ../nbs/06_evaluate.ipynb #aff3356d
 STOP_TOKENS = ('<|im_end|>', '<|endoftext|>')
 
-def _token_id(tokenizer, token):
-    i = tokenizer.convert_tokens_to_ids(token)
-    return None if i is None or i == tokenizer.unk_token_id else i
-
 def stop_token_ids(tokenizer, model=None) -> list[int]:
     "Ids generation stops at: `<|im_end|>`, `<|endoftext|>`, the tokenizer's eos and the model's generation_config eos."
-    ids = [_token_id(tokenizer, t) for t in STOP_TOKENS] + [tokenizer.eos_token_id]
+    from qlora_nb.model import token_id
+    ids = [token_id(tokenizer, t) for t in STOP_TOKENS] + [tokenizer.eos_token_id]
     eos = getattr(getattr(model, 'generation_config', None), 'eos_token_id', None)
     ids += eos if isinstance(eos, (list, tuple)) else [eos]
     return list(dict.fromkeys(i for i in ids if i is not None))
 
-# %% ../nbs/06_evaluate.ipynb #f6f0c382
+# %% ../nbs/06_evaluate.ipynb #6d4221db
+def load_base(config):
+    "The 4-bit base model of `config`, ready for evaluation (on a CPU: kept in the fp32-dequantizing layout training uses)."
+    from qlora_nb.model import load_model
+    from qlora_nb.train import keep_cpu_layout
+    return keep_cpu_layout(load_model(config)).eval()
+
+# %% ../nbs/06_evaluate.ipynb #d3c38225
 _GEN_KEYS = ('max_new_tokens', 'do_sample', 'temperature', 'top_p', 'top_k', 'repetition_penalty')
 
 def _settings_dict(settings) -> dict:
@@ -60,7 +66,7 @@ def gen_config(model, tokenizer, settings=None):
     gc_.max_length = None
     return gc_
 
-# %% ../nbs/06_evaluate.ipynb #04fb875e
+# %% ../nbs/06_evaluate.ipynb #15fa85d7
 def pad_right(examples: list[dict], pad_id: int) -> dict:
     "Stack encoded `examples` (input_ids, labels) into right-padded tensors; padding gets label -100 and mask 0."
     n = max(len(e['input_ids']) for e in examples)
@@ -72,7 +78,7 @@ def pad_right(examples: list[dict], pad_id: int) -> dict:
         ids[i, :k], labels[i, :k], mask[i, :k] = torch.as_tensor(e['input_ids']), torch.as_tensor(e['labels']), 1
     return dict(input_ids=ids, labels=labels, attention_mask=mask)
 
-# %% ../nbs/06_evaluate.ipynb #becba35f
+# %% ../nbs/06_evaluate.ipynb #04563c10
 def _body_and_head(model):
     m = model.get_base_model() if hasattr(model, 'get_base_model') else model
     c = m.config
@@ -106,7 +112,7 @@ def batch_nll(model, batch: dict, chunk: int = 1024) -> tuple[float, int]:
         total += F.cross_entropy(logits, y[i:i + chunk], reduction='sum').double()
     return total.item(), n
 
-# %% ../nbs/06_evaluate.ipynb #cdb9f649
+# %% ../nbs/06_evaluate.ipynb #385e0136
 @dataclass
 class LossResult:
     nll: float     # summed NLL over all trained (assistant) tokens
@@ -132,13 +138,13 @@ def eval_loss(model, examples: list[dict],  # encoded examples: input_ids, label
     finally: model.train(was_training)
     return LossResult(nll, tokens)
 
-# %% ../nbs/06_evaluate.ipynb #2159eb77
+# %% ../nbs/06_evaluate.ipynb #25fc11ce
 def prompt_ids(tokenizer, messages: list[dict]) -> list[int]:
     "Token ids of `messages` rendered as a chat prompt that asks the assistant for the next turn."
     text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
     return tokenizer(text, add_special_tokens=False)['input_ids']
 
-# %% ../nbs/06_evaluate.ipynb #33f01ba0
+# %% ../nbs/06_evaluate.ipynb #7194d2b3
 def pad_left(rows: list[list[int]], pad_id: int) -> dict:
     "Left-pad token id lists into `input_ids` and `attention_mask` tensors for batched generation."
     n = max(map(len, rows))
@@ -146,7 +152,7 @@ def pad_left(rows: list[list[int]], pad_id: int) -> dict:
     mask = torch.tensor([[0] * (n - len(r)) + [1] * len(r) for r in rows], dtype=torch.long)
     return dict(input_ids=ids, attention_mask=mask)
 
-# %% ../nbs/06_evaluate.ipynb #f222cc23
+# %% ../nbs/06_evaluate.ipynb #d532391a
 @dataclass
 class Generation:
     text: str      # the reply, special tokens removed
@@ -160,7 +166,7 @@ def decode_generation(tokenizer, ids, stop_ids) -> Generation:
     kept = ids if cut is None else ids[:cut]
     return Generation(tokenizer.decode(kept, skip_special_tokens=True), len(kept), cut is not None)
 
-# %% ../nbs/06_evaluate.ipynb #8d8bbde4
+# %% ../nbs/06_evaluate.ipynb #352ad2ec
 @torch.inference_mode()
 def generate(model, tokenizer,
              messages_list: list,  # one conversation (a list of {'role','content'}) or a list of them
@@ -185,18 +191,18 @@ def generate(model, tokenizer,
     finally: model.train(was_training)
     return out
 
-# %% ../nbs/06_evaluate.ipynb #4a15f064
+# %% ../nbs/06_evaluate.ipynb #4f4dad48
 def stop_rate(gens: list[Generation]) -> float:
-    "Share of `gens` that stopped on a stop token (0 for none)."
+    "Share of `gens` that stopped on a stop token (NaN when there are none)."
     return sum(g.stopped for g in gens) / len(gens) if gens else float('nan')
 
-# %% ../nbs/06_evaluate.ipynb #290a4c64
+# %% ../nbs/06_evaluate.ipynb #3b90385f
 def length_ratio(hyps: list[str], refs: list[str]) -> float:
     "Mean of len(hyp)/len(ref) over pairs with a non-empty reference."
     rs = [len(h) / len(r) for h, r in zip(hyps, refs) if len(r)]
     return sum(rs) / len(rs) if rs else float('nan')
 
-# %% ../nbs/06_evaluate.ipynb #61eb0afc
+# %% ../nbs/06_evaluate.ipynb #3f623fdf
 def lcs_len(a: str, b: str) -> int:
     "Length of the longest common subsequence of `a` and `b`."
     if not a or not b: return 0
@@ -209,7 +215,7 @@ def lcs_len(a: str, b: str) -> int:
         v = ((v + u) | (v - u)) & full
     return len(a) - bin(v).count('1')
 
-# %% ../nbs/06_evaluate.ipynb #686296c2
+# %% ../nbs/06_evaluate.ipynb #deb5fd7f
 def rouge_l(hyp: str, ref: str) -> float:
     "Character-level ROUGE-L F1 of `hyp` against `ref`, in [0, 1] (1 when both are empty)."
     if not hyp or not ref: return float(hyp == ref)
@@ -218,7 +224,7 @@ def rouge_l(hyp: str, ref: str) -> float:
     p, r = n / len(hyp), n / len(ref)
     return 2 * p * r / (p + r)
 
-# %% ../nbs/06_evaluate.ipynb #12de3d5e
+# %% ../nbs/06_evaluate.ipynb #dc6bce89
 def chrf(hyps: list[str], refs: list[str]) -> float:
     "Corpus-level chrF (sacrebleu's CHRF defaults) of `hyps` against `refs`, 0-100."
     from sacrebleu.metrics import CHRF
@@ -229,7 +235,7 @@ def sentence_chrf(hyp: str, ref: str) -> float:
     from sacrebleu.metrics import CHRF
     return CHRF().sentence_score(hyp, [ref]).score
 
-# %% ../nbs/06_evaluate.ipynb #76c69c89
+# %% ../nbs/06_evaluate.ipynb #b78cc710
 def text_metrics(gens: list[Generation], refs: list[str]) -> dict:
     "stop_rate, length_ratio, chrf, rouge_l (both 0-100) and mean generated tokens of `gens` against `refs`."
     hyps = [g.text for g in gens]
@@ -237,7 +243,7 @@ def text_metrics(gens: list[Generation], refs: list[str]) -> dict:
                 rouge_l=100 * sum(map(rouge_l, hyps, refs)) / len(gens) if gens else float('nan'),
                 gen_tokens=sum(g.tokens for g in gens) / len(gens) if gens else float('nan'))
 
-# %% ../nbs/06_evaluate.ipynb #41f9075e
+# %% ../nbs/06_evaluate.ipynb #f355b716
 @dataclass
 class Prompt:
     messages: list   # the conversation up to (not including) the last assistant turn
@@ -254,7 +260,7 @@ def eval_prompts(records: list[dict], default_system: str | None = None, n: int 
         out.append(Prompt(msgs[:k], msgs[k]['content'], r.get('_line')))
     return out
 
-# %% ../nbs/06_evaluate.ipynb #cc1c2f77
+# %% ../nbs/06_evaluate.ipynb #321289af
 def find_model_source(config, model_dir=None, adapter_dir=None) -> tuple[str, Path]:
     "`('adapter', dir)` or `('model', dir)`: what `evaluate` and `load_for_inference` will load."
     if model_dir is not None and adapter_dir is not None: raise EvalError('give either a merged model folder (--model) or an adapter folder (--adapter), not both')
@@ -272,7 +278,7 @@ def find_model_source(config, model_dir=None, adapter_dir=None) -> tuple[str, Pa
     raise EvalError(f'{config.output_dir}: nothing to evaluate: no adapter ({a.name}/adapter_config.json) and no merged model ({m.name}/config.json). '
                     f'Train first (qlora_nb_train {config.config_path or "CONFIG"}), or point at one with --adapter DIR or --model DIR')
 
-# %% ../nbs/06_evaluate.ipynb #e43a6319
+# %% ../nbs/06_evaluate.ipynb #2a71a1a9
 def _adapter_modules(adapter_dir: Path) -> dict:
     "Module name -> [in_features, out_features] of the LoRA layers stored in `adapter_dir`."
     f = adapter_dir/'adapter_model.safetensors'
@@ -315,7 +321,7 @@ def check_adapter(adapter_dir, model_name_or_path: str, trust_remote_code: bool 
     if problems: raise EvalError(f'{adapter_dir}: this adapter does not match the base model: ' + '; '.join(problems) +
                                  f'. Set model_name_or_path to the model the adapter was trained on{f" ({trained_on})" if trained_on else ""}, or pass the adapter trained on this one.')
 
-# %% ../nbs/06_evaluate.ipynb #2b359992
+# %% ../nbs/06_evaluate.ipynb #ee6d9ccf
 def _load_merged(model_dir: Path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
     kw = dict(device_map='auto') if torch.cuda.is_available() else {}
@@ -327,11 +333,11 @@ def load_for_inference(config, model_dir=None, adapter_dir=None):
     if kind == 'model': return _load_merged(path)
     check_adapter(path, config.model_name_or_path, config.trust_remote_code)
     from peft import PeftModel
-    from qlora_nb.model import load_model, load_tokenizer
+    from qlora_nb.model import load_tokenizer
     tok = load_tokenizer(config)
-    return PeftModel.from_pretrained(load_model(config), str(path), is_trainable=False).eval(), tok
+    return PeftModel.from_pretrained(load_base(config), str(path), is_trainable=False).eval(), tok
 
-# %% ../nbs/06_evaluate.ipynb #762da339
+# %% ../nbs/06_evaluate.ipynb #c06d4e43
 def read_loss_log(path) -> dict:
     "`{'train': [(step, loss)], 'eval': [(step, eval_loss)]}` from a metrics.jsonl log (missing file: empty lists)."
     out = dict(train=[], eval=[])
@@ -347,7 +353,7 @@ def read_loss_log(path) -> dict:
         elif isinstance(d.get('loss'), (int, float)): out['train'].append((step, d['loss']))
     return out
 
-# %% ../nbs/06_evaluate.ipynb #4587e0bd
+# %% ../nbs/06_evaluate.ipynb #02e3fad6
 def _figure(w=6.4, h=3.6):
     from matplotlib.figure import Figure
     return Figure(figsize=(w, h), dpi=100, layout='constrained')
@@ -364,7 +370,7 @@ def plot_loss_curves(log: dict, base_loss: float | None = None, tuned_loss: floa
     ax.legend()
     return fig
 
-# %% ../nbs/06_evaluate.ipynb #8317d743
+# %% ../nbs/06_evaluate.ipynb #a98bc0d1
 BAR_METRICS = {'loss': 'eval loss ↓', 'ppl': 'perplexity ↓', 'stop_rate': 'stop rate ↑', 'length_ratio': 'length ratio (→1)',
                'chrf': 'chrF ↑', 'rouge_l': 'ROUGE-L (char) ↑'}
 
@@ -382,7 +388,7 @@ def plot_metric_bars(base: dict, tuned: dict):
         ax.tick_params(labelsize=8)
     return fig
 
-# %% ../nbs/06_evaluate.ipynb #ac2de723
+# %% ../nbs/06_evaluate.ipynb #9a6d0009
 def plot_lengths(samples: list[dict]):
     "Histogram of reference, base and tuned output lengths (characters) over `samples`."
     fig = _figure()
@@ -396,7 +402,7 @@ def plot_lengths(samples: list[dict]):
     ax.legend()
     return fig
 
-# %% ../nbs/06_evaluate.ipynb #589cff18
+# %% ../nbs/06_evaluate.ipynb #3f1fd20b
 def load_eval_records(config) -> list[dict]:
     "The eval split of `config`'s data, as training made it; `EvalError` when it is empty or unreadable."
     from qlora_nb.data import DataError, load_records, split_records
@@ -411,7 +417,7 @@ def load_eval_records(config) -> list[dict]:
                                'or set data.eval_dataset_path to a JSONL file of held-out records')
     return ev
 
-# %% ../nbs/06_evaluate.ipynb #b4a2619c
+# %% ../nbs/06_evaluate.ipynb #77bc4650
 _ROWS = (('loss', 'eval loss (assistant tokens)', '{:.4f}'), ('ppl', 'perplexity', '{:.2f}'), ('tokens', 'scored tokens', '{:d}'),
          ('stop_rate', 'stop rate (<|im_end|> before max_new_tokens)', '{:.0%}'), ('length_ratio', 'length ratio (generated / reference chars)', '{:.2f}'),
          ('chrf', 'chrF', '{:.1f}'), ('rouge_l', 'ROUGE-L F1 (characters)', '{:.1f}'), ('gen_tokens', 'mean generated tokens', '{:.1f}'),
@@ -445,18 +451,20 @@ class EvalResult:
         return dict(source=self.source, n_eval=self.n_eval, encoding=self.encoding, n_prompts=len(self.samples), seconds=self.seconds,
                     settings=self.settings, base=self.base, tuned=self.tuned)
 
-# %% ../nbs/06_evaluate.ipynb #554d1110
+# %% ../nbs/06_evaluate.ipynb #7645b851
 def measure(model, tokenizer, examples: list[dict], prompts: list[Prompt], settings, pad_id: int, seed: int = 42) -> tuple[dict, list]:
     "`(metrics, generations)` of `model`: loss/ppl over `examples`, text metrics of its replies to `prompts`."
     t = time.time()
+    log.info('scoring %d eval examples', len(examples))
     lr = eval_loss(model, examples, pad_id, batch_size=settings.batch_size)
+    log.info('%r; generating for %d prompts (max_new_tokens=%d)', lr, len(prompts), settings.max_new_tokens)
     torch.manual_seed(seed)
     gens = generate(model, tokenizer, [p.messages for p in prompts], settings, settings.batch_size) if prompts else []
     m = dict(loss=lr.loss, ppl=lr.ppl, tokens=lr.tokens)
     if gens: m.update(text_metrics(gens, [p.reference for p in prompts]))
     return m | dict(seconds=time.time() - t), gens
 
-# %% ../nbs/06_evaluate.ipynb #42300e5c
+# %% ../nbs/06_evaluate.ipynb #4d819265
 def _jsonable(d): return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in d.items()}
 
 def write_results(result: EvalResult, out_dir, log_path=None) -> dict:
@@ -475,7 +483,11 @@ def write_results(result: EvalResult, out_dir, log_path=None) -> dict:
     result.out_dir = out_dir
     return paths
 
-# %% ../nbs/06_evaluate.ipynb #754f8be5
+# %% ../nbs/06_evaluate.ipynb #fc7dca57
+def _used_settings(s) -> dict:
+    d = _settings_dict(s) | dict(batch_size=s.batch_size)
+    return d if d.get('do_sample') else {k: v for k, v in d.items() if k not in ('temperature', 'top_p', 'top_k')}
+
 def _free(model):
     del model
     gc.collect()
@@ -492,7 +504,7 @@ def evaluate(config,            # a Config from load_config
     if kind == 'adapter': check_adapter(path, config.model_name_or_path, config.trust_remote_code)
     records = load_eval_records(config)
     from qlora_nb.chatml import encode_records
-    from qlora_nb.model import load_model, load_tokenizer
+    from qlora_nb.model import load_tokenizer
     tok = load_tokenizer(config)
     examples, report = encode_records(records, tok, config.data.max_length, config.data.truncation, config.data.default_system)
     if not examples: raise EvalError(f'the eval split gives no examples to score: {report}')
@@ -500,14 +512,17 @@ def evaluate(config,            # a Config from load_config
     s, seed, pad = config.eval, config.data.seed, tok.pad_token_id if tok.pad_token_id is not None else 0
     if kind == 'adapter':
         from peft import PeftModel
-        model = PeftModel.from_pretrained(load_model(config), str(path), is_trainable=False).eval()
+        model = PeftModel.from_pretrained(load_base(config), str(path), is_trainable=False).eval()
+        log.info('base model (adapter disabled)')
         with model.disable_adapter(): base, base_gens = measure(model, tok, examples, prompts, s, pad, seed)
+        log.info('fine-tuned model (adapter %s)', path)
         tuned, tuned_gens = measure(model, tok, examples, prompts, s, pad, seed)
         _free(model)
     else:
-        model = load_model(config)
+        model = load_base(config)
         base, base_gens = measure(model, tok, examples, prompts, s, pad, seed)
         _free(model)
+        log.info('merged model %s', path)
         model, mtok = _load_merged(path)
         if len(mtok) != len(tok): raise EvalError(f'{path}: its tokenizer has {len(mtok)} tokens, the base model\'s {len(tok)}; this merged model was not made from {config.model_name_or_path}')
         tuned, tuned_gens = measure(model, mtok, examples, prompts, s, pad, seed)
@@ -517,12 +532,12 @@ def evaluate(config,            # a Config from load_config
                     base=b.text, tuned=t.text, base_stopped=b.stopped, tuned_stopped=t.stopped,
                     base_chrf=sentence_chrf(b.text, p.reference), tuned_chrf=sentence_chrf(t.text, p.reference))
                for p, b, t in zip(prompts, base_gens, tuned_gens)]
-    res = EvalResult(base, tuned, samples, f'{kind} {path}', len(examples), 0.0, settings=_settings_dict(s) | dict(batch_size=s.batch_size), encoding=str(report))
+    res = EvalResult(base, tuned, samples, f'{kind} {path}', len(examples), 0.0, settings=_used_settings(s), encoding=str(report))
     res.seconds = time.time() - t0
     write_results(res, Path(out_dir) if out_dir else config.output_dir/'eval', config.output_dir/'metrics.jsonl')
     return res
 
-# %% ../nbs/06_evaluate.ipynb #37084d93
+# %% ../nbs/06_evaluate.ipynb #caebde6f
 def samples_markdown(samples: list[dict], n: int = 3, width: int = 60) -> str:
     "The first `n` samples as a markdown table (prompt, reference, base, tuned), each cell cut to `width` characters."
     def cut(s): return (s if len(s) <= width else s[:width] + '…').replace('\n', '⏎').replace('|', '\\|')
@@ -532,15 +547,14 @@ def samples_markdown(samples: list[dict], n: int = 3, width: int = 60) -> str:
         rows.append(f"| {cut(s['prompt'])} | {cut(s['reference'])} | {base} | {tuned} |")
     return '\n'.join(rows)
 
-# %% ../nbs/06_evaluate.ipynb #c2899695
-class _WriteStreamer:
-    "A TextStreamer that hands finished text pieces to `write` instead of printing them."
-    def __new__(cls, tokenizer, write):
-        from transformers import TextStreamer
-        class S(TextStreamer):
-            def on_finalized_text(self, text, stream_end=False):
-                if text: write(text)
-        return S(tokenizer, skip_prompt=True, skip_special_tokens=True)
+# %% ../nbs/06_evaluate.ipynb #fcbcb962
+def write_streamer(tokenizer, write):
+    "A transformers `TextStreamer` that hands finished text pieces to `write` instead of printing them."
+    from transformers import TextStreamer
+    class WriteStreamer(TextStreamer):
+        def on_finalized_text(self, text, stream_end=False):
+            if text: write(text)
+    return WriteStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
 
 @dataclass
 class ChatLog:
@@ -553,7 +567,7 @@ def chat(model, tokenizer,
          settings=None,       # config.eval, a dict, or None: the model's generation_config
          read=input,          # returns the next line; EOFError (or StopIteration) ends the chat
          write=_print_piece,  # receives the streamed reply text, piece by piece
-         system: str | None = None,  # system prompt kept across /reset
+         system: str | None = None,  # system prompt kept across /reset (config.data.default_system matches training)
         ) -> ChatLog:
     "Chat with `model` turn by turn in the terminal; '/reset' clears the history, '/exit' or EOF ends."
     start = [dict(role='system', content=system)] if system else []
@@ -569,7 +583,7 @@ def chat(model, tokenizer,
             continue
         if not cmd: continue
         history.append(dict(role='user', content=line))
-        g = generate(model, tokenizer, [history], settings, batch_size=1, streamer=_WriteStreamer(tokenizer, write))[0]
+        g = generate(model, tokenizer, [history], settings, batch_size=1, streamer=write_streamer(tokenizer, write))[0]
         write('\n' if g.stopped else f'\n(stopped at max_new_tokens={gen_config(model, tokenizer, settings).max_new_tokens})\n')
         history.append(dict(role='assistant', content=g.text))
         replies.append(g)
