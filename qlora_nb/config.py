@@ -4,11 +4,11 @@
 
 # %% auto #0
 __all__ = ['DEFAULT_SYSTEM', 'RULES', 'ConfigError', 'QuantizationConfig', 'LoraSection', 'DataSection', 'EvalSection',
-           'ExportSection', 'Config', 'read_yaml', 'check_value', 'check_rule', 'apply_override', 'resolve_model_path',
-           'load_config']
+           'ExportSection', 'Config', 'Loader', 'read_yaml', 'check_value', 'check_rule', 'apply_override',
+           'resolve_model_path', 'load_config']
 
 # %% ../nbs/00_config.ipynb #ba1da746
-import dataclasses, difflib, enum, json, types, typing
+import dataclasses, difflib, enum, json, re, types, typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -96,7 +96,11 @@ class Config:
         "The resolved config as plain JSON-able values."
         return json.loads(json.dumps(dataclasses.asdict(self), default=str))
 
-# %% ../nbs/00_config.ipynb #86e08020
+# %% ../nbs/00_config.ipynb #e9a6bd84
+class Loader(yaml.SafeLoader): "A safe YAML loader that reads `1e-4` as a float."
+Loader.add_implicit_resolver('tag:yaml.org,2002:float', re.compile(r'^[-+]?[0-9][0-9_]*(\.[0-9_]*)?[eE][-+]?[0-9]+$'), list('-+0123456789'))
+
+# %% ../nbs/00_config.ipynb #2c9bde0f
 def _key_lines(node, prefix=''):
     "Map each dotted key path in a composed YAML `node` to its 1-based line."
     out = {}
@@ -112,7 +116,7 @@ def read_yaml(path):
     path = Path(path)
     if not path.is_file(): raise ConfigError(f'{path}: config file not found (give the path of a YAML file such as config.yaml)')
     text = path.read_text(encoding='utf-8-sig')
-    try: data, node = yaml.safe_load(text), yaml.compose(text)
+    try: data, node = yaml.load(text, Loader), yaml.compose(text, Loader)
     except yaml.YAMLError as e:
         mark = getattr(e, 'problem_mark', None)
         where = f'{path}:{mark.line + 1}' if mark else str(path)
@@ -121,7 +125,7 @@ def read_yaml(path):
     if not isinstance(data, dict): raise ConfigError(f'{path}:1: expected a mapping of keys (model_name_or_path: ..., ...), got {type(data).__name__}')
     return data, _key_lines(node)
 
-# %% ../nbs/00_config.ipynb #2c9bde0f
+# %% ../nbs/00_config.ipynb #2ac2677f
 def _describe(tp):
     "A type in words, for error messages."
     if tp is type(None): return 'null'
@@ -166,7 +170,7 @@ def check_value(value, tp):
     else: return value  # a type we don't check (left to the library that uses it)
     raise TypeError(f'expected {_describe(tp)}, got {value!r}')
 
-# %% ../nbs/00_config.ipynb #2ac2677f
+# %% ../nbs/00_config.ipynb #9b11bb62
 _pos = lambda words: (lambda v: v > 0, words)
 RULES = {
     'lora_config.r': _pos('a positive integer'), 'lora_config.lora_alpha': _pos('a positive integer'),
@@ -185,7 +189,7 @@ def check_rule(key, value):
     ok, words = RULES[key]
     return None if ok(value) else f'expected {words}, got {value!r}'
 
-# %% ../nbs/00_config.ipynb #9b11bb62
+# %% ../nbs/00_config.ipynb #edeb9e0e
 def _suggest(key, valid):
     close = difflib.get_close_matches(key, valid, n=1, cutoff=0.6)
     return f'did you mean {close[0]}?' if close else 'valid keys: ' + ', '.join(sorted(valid))
@@ -226,14 +230,14 @@ def _build(cls, data, where, prefix=''):
         if key == 'training_args': _check_training_args(v, where)
     return cls(**kw)
 
-# %% ../nbs/00_config.ipynb #edeb9e0e
+# %% ../nbs/00_config.ipynb #a4f18fbb
 def apply_override(data, override):
     "Set the dotted key of `override` ('a.b=value') in nested dict `data`, in place; return the key path."
     if '=' not in override: raise ConfigError(f'override {override!r}: expected key=value, e.g. training_args.max_steps=20')
     key, raw = override.split('=', 1)
     key = key.strip()
     if not key or any(not p for p in key.split('.')): raise ConfigError(f'override {override!r}: expected a dotted key such as lora_config.r')
-    try: value = yaml.safe_load(raw) if raw.strip() else ''
+    try: value = yaml.load(raw, Loader) if raw.strip() else ''
     except yaml.YAMLError: value = raw
     *parents, last = key.split('.')
     d = data
@@ -243,7 +247,7 @@ def apply_override(data, override):
     d[last] = value
     return key
 
-# %% ../nbs/00_config.ipynb #a4f18fbb
+# %% ../nbs/00_config.ipynb #5cb1524c
 def _resolve(p, base):
     p = Path(p).expanduser()
     return p if p.is_absolute() else (base/p).resolve()
@@ -253,7 +257,7 @@ def resolve_model_path(name, base):
     if name.startswith(('./', '../', '/', '~', '.\\', '..\\')) or (base/name).exists(): return str(_resolve(name, base))
     return name
 
-# %% ../nbs/00_config.ipynb #5cb1524c
+# %% ../nbs/00_config.ipynb #1ad50d10
 def load_config(path, overrides=None):
     "Load the YAML config at `path`, apply `overrides` (['dotted.key=value', ...]) and return a validated `Config`."
     path = Path(path).expanduser().resolve()
