@@ -5,7 +5,7 @@
 # %% ../nbs/05_train.ipynb #27898a28
 from __future__ import annotations
 import contextlib, dataclasses, gc, hashlib, json, logging, os, re, shutil, time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 import torch
@@ -18,16 +18,16 @@ from .chatml import encode_records, audit_examples
 from .model import load_tokenizer, load_model
 from .lora import add_lora
 
-logger = logging.getLogger(__name__)
+_log = logging.getLogger(__name__)
 
 # %% auto #0
-__all__ = ['logger', 'STAGING', 'OUTPUTS', 'METRICS', 'LIBRARIES', 'TrainError', 'TrainInterrupted', 'MergeCheckError',
-           'PadCollator', 'checkpoint_step', 'checkpoint_problems', 'list_checkpoints', 'find_last_checkpoint',
-           'discard_dir', 'publish_dir', 'rotate_checkpoints', 'QLoRATrainer', 'resolve_resume', 'training_arguments',
-           'read_metrics', 'MetricsLogger', 'plot_loss_curve', 'prepare_examples', 'keep_cpu_layout', 'oom_advice',
-           'library_versions', 'sha256_file', 'run_manifest', 'summarize_metrics', 'TrainResult', 'model_compute_dtype',
-           'train', 'dequantize_model', 'load_merge_base', 'compare_logits', 'check_merge', 'MergeResult',
-           'merge_adapter', 'logged_values', 'adapter_diff']
+__all__ = ['STAGING', 'OUTPUTS', 'METRICS', 'LIBRARIES', 'TrainError', 'TrainInterrupted', 'MergeCheckError', 'PadCollator',
+           'checkpoint_step', 'checkpoint_problems', 'list_checkpoints', 'find_last_checkpoint', 'discard_dir',
+           'publish_dir', 'rotate_checkpoints', 'QLoRATrainer', 'resolve_resume', 'training_arguments', 'read_metrics',
+           'MetricsLogger', 'plot_loss_curve', 'prepare_examples', 'keep_cpu_layout', 'oom_advice', 'library_versions',
+           'sha256_file', 'run_manifest', 'summarize_metrics', 'TrainResult', 'model_compute_dtype', 'train',
+           'dequantize_model', 'load_merge_base', 'compare_logits', 'check_merge', 'MergeResult', 'merge_adapter',
+           'logged_values', 'adapter_diff']
 
 # %% ../nbs/05_train.ipynb #4d658fbe
 class TrainError(RuntimeError):
@@ -101,11 +101,11 @@ def find_last_checkpoint(output_dir) -> Path | None:
     "The newest complete `checkpoint-N` folder in `output_dir`, or None."
     for p in reversed(list_checkpoints(output_dir)):
         if not (probs := checkpoint_problems(p)): return p
-        logger.warning('ignoring incomplete %s: %s', p.name, '; '.join(probs))
+        _log.warning('ignoring incomplete %s: %s', p.name, '; '.join(probs))
     return None
 
 # %% ../nbs/05_train.ipynb #643d1a60
-def _fsync(path, is_dir=False):
+def _fsync(path):
     try: fd = os.open(path, os.O_RDONLY)
     except OSError: return  # e.g. folders on Windows
     try: os.fsync(fd)
@@ -170,6 +170,8 @@ class QLoRATrainer(Trainer):
 # %% ../nbs/05_train.ipynb #2e55e72e
 OUTPUTS = ('lora_adapter', 'final_model', 'metrics.jsonl', 'loss_curve.png')
 
+def _is_main() -> bool: return int(os.environ.get('RANK', '0')) == 0  # under accelerate/torchrun only rank 0 touches files
+
 def _existing(out: Path) -> list[str]:
     return [p.name for p in list_checkpoints(out)] + [n for n in OUTPUTS if (out/n).exists()]
 
@@ -178,8 +180,9 @@ def resolve_resume(config: Config, overwrite: bool = False) -> Path | None:
     out, r = Path(config.output_dir), config.resume_from_checkpoint
     old = _existing(out)
     if overwrite:
-        if old: print(f'overwrite: deleting {", ".join(old)} in {out}')
-        for n in old: (discard_dir if (out/n).is_dir() else os.remove)(out/n)
+        if old and _is_main():
+            print(f'overwrite: deleting {", ".join(old)} in {out}')
+            for n in old: (discard_dir if (out/n).is_dir() else os.remove)(out/n)
         return None
     if isinstance(r, (str, Path)) and not isinstance(r, bool):
         if probs := checkpoint_problems(r):
@@ -210,7 +213,7 @@ def training_arguments(config: Config, has_eval: bool = True, compute_dtype: tor
         ta.setdefault('eval_strategy', 'steps')
         if ta['eval_strategy'] == 'steps': ta.setdefault('eval_steps', ta.get('save_steps', 500))
     elif ta.get('eval_strategy', 'no') != 'no':
-        logger.warning('no eval split (data.eval_ratio is 0 and no data.eval_dataset_path): eval_strategy set to no')
+        _log.warning('no eval split (data.eval_ratio is 0 and no data.eval_dataset_path): eval_strategy set to no')
         ta['eval_strategy'] = 'no'
     if ta.get('gradient_checkpointing'): ta.setdefault('gradient_checkpointing_kwargs', {'use_reentrant': False})
     ta.setdefault('include_num_input_tokens_seen', 'non_padding')
@@ -275,7 +278,7 @@ def prepare_examples(config: Config, tokenizer) -> tuple[list[dict], list[dict],
     (train_ex, train_rep), (eval_ex, eval_rep) = enc(tr), enc(ev)
     info = {'train': train_rep, 'eval': eval_rep, 'audit': audit_examples(train_ex, tokenizer)}
     if eval_ex: info['audit_eval'] = audit_examples(eval_ex, tokenizer)
-    logger.debug('examples: train %s, eval %s', train_rep, eval_rep)
+    _log.debug('examples: train %s, eval %s', train_rep, eval_rep)
     return train_ex, eval_ex, info
 
 # %% ../nbs/05_train.ipynb #f507aa6d
@@ -413,7 +416,7 @@ def train(config: Config,  # from `load_config(path, overrides)`
     with _verbosity(verbose):
         resume = resolve_resume(config, overwrite)
         out.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(out/STAGING, ignore_errors=True)  # a save a killed run did not finish
+        if _is_main(): shutil.rmtree(out/STAGING, ignore_errors=True)  # a save a killed run did not finish
         seed = config.training_args.get('seed', 42)
         transformers.set_seed(seed)
         tokenizer, model = load_tokenizer(config), keep_cpu_layout(load_model(config))
@@ -421,7 +424,7 @@ def train(config: Config,  # from `load_config(path, overrides)`
         model = add_lora(model, config, seed=seed)
         train_ex, eval_ex, info = prepare_examples(config, tokenizer)
         args = training_arguments(config, has_eval=bool(eval_ex), compute_dtype=model_compute_dtype(model))
-        logger.debug('training arguments: %s', args)
+        _log.debug('training arguments: %s', args)
         trainer = QLoRATrainer(model=model, args=args, train_dataset=train_ex, eval_dataset=eval_ex or None,
                                data_collator=PadCollator(tokenizer.pad_token_id), processing_class=tokenizer,
                                callbacks=[MetricsLogger(out/METRICS), *(callbacks or [])])
@@ -430,8 +433,9 @@ def train(config: Config,  # from `load_config(path, overrides)`
         except Exception as e:
             if _is_oom(e): raise TrainError(oom_advice(args, config.data.max_length)) from e
             raise
-        finally: shutil.rmtree(out/STAGING, ignore_errors=True)
-        if eval_ex and not any('eval_loss' in r and r['step'] == trainer.state.global_step for r in read_metrics(out/METRICS)):
+        finally:
+            if _is_main(): shutil.rmtree(out/STAGING, ignore_errors=True)
+        if eval_ex and args.eval_strategy != 'no' and not any('eval_loss' in r and r['step'] == trainer.state.global_step for r in read_metrics(out/METRICS)):
             trainer.evaluate()
         trainer.save_model(str(out/STAGING/'lora_adapter'))  # the adapter (PEFT, safetensors) and the tokenizer
         if not trainer.is_world_process_zero(): return TrainResult(out, None, None, [], {}, resumed_from=resume)
