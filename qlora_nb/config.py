@@ -205,9 +205,12 @@ def _check_training_args(args, where):
     for k, v in args.items():
         if k in _OWN_KEYS: raise ConfigError(f'{where(f"training_args.{k}")}training_args.{k}: set it at the top level of the config ({k}: ...), not under training_args')
         if k not in fields_: raise ConfigError(f'{where(f"training_args.{k}")}training_args.{k}: unknown key; {_suggest(k, fields_)} (training_args takes transformers.TrainingArguments fields)')
+        if v is False and not _accepts_bool(fields_[k]): args[k] = v = 'no'  # YAML 1.1 reads `eval_strategy: no` as false
         try: check_value(v, fields_[k])
         except TypeError as e: raise ConfigError(f'{where(f"training_args.{k}")}training_args.{k}: {e}') from None
     return args
+
+def _accepts_bool(tp): return tp is bool or bool in typing.get_args(tp)
 
 def _build(cls, data, where, prefix=''):
     "Check mapping `data` against dataclass `cls`; `where(key)` gives the `file:line: ` of a key path."
@@ -230,7 +233,7 @@ def _build(cls, data, where, prefix=''):
         if key == 'training_args': _check_training_args(v, where)
     return cls(**kw)
 
-# %% ../nbs/00_config.ipynb #a4f18fbb
+# %% ../nbs/00_config.ipynb #ab97b26c
 def apply_override(data, override):
     "Set the dotted key of `override` ('a.b=value') in nested dict `data`, in place; return the key path."
     if '=' not in override: raise ConfigError(f'override {override!r}: expected key=value, e.g. training_args.max_steps=20')
@@ -247,7 +250,7 @@ def apply_override(data, override):
     d[last] = value
     return key
 
-# %% ../nbs/00_config.ipynb #5cb1524c
+# %% ../nbs/00_config.ipynb #e14c7aa1
 def _resolve(p, base):
     p = Path(p).expanduser()
     return p if p.is_absolute() else (base/p).resolve()
@@ -257,7 +260,7 @@ def resolve_model_path(name, base):
     if name.startswith(('./', '../', '/', '~', '.\\', '..\\')) or (base/name).exists(): return str(_resolve(name, base))
     return name
 
-# %% ../nbs/00_config.ipynb #1ad50d10
+# %% ../nbs/00_config.ipynb #510aad26
 def load_config(path, overrides=None):
     "Load the YAML config at `path`, apply `overrides` (['dotted.key=value', ...]) and return a validated `Config`."
     path = Path(path).expanduser().resolve()
