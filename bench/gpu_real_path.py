@@ -42,7 +42,7 @@ def write_config(work: Path, model_dir: Path, steps: int, save_steps: int):
     cfg = yaml.safe_load((REPO/'config.yaml').read_text())
     cfg.update(model_name_or_path=str(model_dir), dataset_path=str(REPO/'data/novel_finetuning_dataset.jsonl'), output_dir=str(work/'out'))
     cfg['training_args'].update(max_steps=steps, save_steps=save_steps, logging_steps=1, eval_strategy='no',
-                                include_num_input_tokens_seen=True, report_to='none', dataloader_num_workers=2)
+                                report_to='none', dataloader_num_workers=0)
     cfg['export'] = dict(check_prompts=4)
     path = work/'bench.yaml'
     path.write_text(yaml.safe_dump(cfg, allow_unicode=True))
@@ -50,13 +50,23 @@ def write_config(work: Path, model_dir: Path, steps: int, save_steps: int):
 
 LEG = '''
 import json, sys, time, torch
+from transformers import TrainerCallback
 from qlora_nb.config import load_config
 from qlora_nb.train import train
+
+class Peak(TrainerCallback):
+    "Peak GPU memory and wall time of the training loop alone (not loading or merging)."
+    def on_train_begin(self, args, state, control, **kw): torch.cuda.reset_peak_memory_stats(); self.t = time.time(); self.step0 = state.global_step
+    def on_train_end(self, args, state, control, **kw):
+        print('TRAIN_LOOP ' + json.dumps(dict(seconds=time.time() - self.t, steps=state.global_step - self.step0,
+              tokens=state.num_input_tokens_seen, peak_gib=torch.cuda.max_memory_allocated() / 2**30,
+              reserved_gib=torch.cuda.max_memory_reserved() / 2**30)), flush=True)
+
 cfg = load_config(sys.argv[1], sys.argv[2:])
 t = time.time()
-res = train(cfg)
+res = train(cfg, callbacks=[Peak()])
 print('LEG_RESULT ' + json.dumps(dict(wall_s=time.time() - t, peak_gib=torch.cuda.max_memory_allocated() / 2**30,
-      metrics=res.metrics if hasattr(res, 'metrics') else None), default=str), flush=True)
+      metrics=res.metrics, merge_check=res.merge_check, resumed_from=res.resumed_from), default=str), flush=True)
 '''
 
 def run_leg(cfg_path, overrides, kill_at=None, out_dir=None):
@@ -76,8 +86,8 @@ def run_leg(cfg_path, overrides, kill_at=None, out_dir=None):
     rest = p.stdout.read() or ''
     lines.append(rest); sys.stdout.write(rest)
     text = ''.join(lines)
-    res = [json.loads(l.split('LEG_RESULT ', 1)[1]) for l in text.splitlines() if l.startswith('LEG_RESULT ')]
-    return p.returncode, (res[0] if res else None), time.time() - t
+    grab = lambda tag: next((json.loads(l.split(tag, 1)[1]) for l in text.splitlines() if l.startswith(tag)), None)
+    return p.returncode, grab('LEG_RESULT '), grab('TRAIN_LOOP '), time.time() - t
 
 def main():
     ap = argparse.ArgumentParser()
@@ -93,17 +103,23 @@ def main():
     build_s = build_random_7b(model_dir, a.tokenizer)
     cfg = write_config(a.work, model_dir, a.steps, a.kill_after)
     out = a.work/'out'
-    rc1, r1, s1 = run_leg(cfg, [], kill_at=a.kill_after, out_dir=out)
-    rc2, r2, s2 = run_leg(cfg, [])
+    rc1, r1, loop1, s1 = run_leg(cfg, [], kill_at=a.kill_after, out_dir=out)
+    rc2, r2, loop2, s2 = run_leg(cfg, [])
     fm = out/'final_model'
-    tc = json.loads((fm/'training_config.json').read_text()) if (fm/'training_config.json').exists() else {}
     print('\n| what | value |\n|---|---|')
     print(f'| build random 7B + save | {build_s:.0f} s |')
     print(f'| leg 1 (killed after checkpoint-{a.kill_after}) | rc {rc1}, {s1:.0f} s |')
     print(f'| leg 2 (resume to {a.steps}, export) | rc {rc2}, {s2:.0f} s |')
-    if r2: print(f"| leg 2 peak GPU memory | {r2['peak_gib']:.1f} GiB |"); print(f"| leg 2 metrics | {json.dumps(r2['metrics'], default=str)[:600]} |")
+    if loop2:
+        print(f"| leg 2 training loop | {loop2['steps']} optimizer steps (x8 sequences) in {loop2['seconds']:.1f} s |")
+        print(f"| leg 2 tokens/s (input tokens seen by the loop / loop time) | {loop2['tokens'] / loop2['seconds']:.0f} |" if loop2['tokens'] else '| tokens | not counted |')
+        print(f"| leg 2 peak GPU memory, training loop | {loop2['peak_gib']:.1f} GiB allocated, {loop2['reserved_gib']:.1f} GiB reserved |")
+    if r2:
+        print(f"| leg 2 resumed from | {r2['resumed_from']} |")
+        print(f"| leg 2 peak GPU memory, whole leg incl. merge and check | {r2['peak_gib']:.1f} GiB |")
+        print(f"| leg 2 metrics | {json.dumps(r2['metrics'], default=str)} |")
+        print(f"| merge check | {json.dumps(r2['merge_check'], default=str)} |")
     print(f"| checkpoints | {sorted(p.name for p in out.glob('checkpoint-*'))} |")
-    print(f"| final_model files | {sorted(p.name for p in fm.glob('*'))[:12]} |")
-    print(f"| merge check | {json.dumps(tc.get('merge_check'), default=str)} |")
+    print(f"| final_model files | {sorted(p.name for p in fm.glob('*'))} |")
 
 if __name__ == '__main__': main()
