@@ -12,7 +12,7 @@ values, so random weights measure the real thing; the loss values themselves mea
 
 Usage (GPU machine): python bench/gpu_real_path.py --tokenizer DIR [--steps 6] [--kill-after 3] [--work /tmp/qb]
 """
-import argparse, json, os, shutil, signal, subprocess, sys, time
+import argparse, json, os, shutil, signal, subprocess, sys, threading, time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -74,17 +74,16 @@ def run_leg(cfg_path, overrides, kill_at=None, out_dir=None):
     env = dict(os.environ, PYTHONPATH=f'{REPO}:{os.environ.get("PYTHONPATH", "")}', PYTHONUNBUFFERED='1')
     p = subprocess.Popen([sys.executable, '-c', LEG, str(cfg_path), *overrides], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     lines, t = [], time.time()
-    os.set_blocking(p.stdout.fileno(), False)
+    def pump():
+        for line in p.stdout: lines.append(line); sys.stdout.write(line); sys.stdout.flush()
+    reader = threading.Thread(target=pump, daemon=True); reader.start()
     while p.poll() is None:
-        chunk = p.stdout.read()
-        if chunk: lines.append(chunk); sys.stdout.write(chunk); sys.stdout.flush()
         if kill_at and (out_dir/f'checkpoint-{kill_at}'/'trainer_state.json').exists():
-            time.sleep(0.5); p.send_signal(signal.SIGKILL); p.wait()
+            p.send_signal(signal.SIGKILL); p.wait()
             print(f'\n*** SIGKILL after checkpoint-{kill_at} ({time.time() - t:.0f} s)', flush=True)
             break
         time.sleep(0.2)
-    rest = p.stdout.read() or ''
-    lines.append(rest); sys.stdout.write(rest)
+    reader.join(timeout=10)
     text = ''.join(lines)
     grab = lambda tag: next((json.loads(l.split(tag, 1)[1]) for l in text.splitlines() if l.startswith(tag)), None)
     return p.returncode, grab('LEG_RESULT '), grab('TRAIN_LOOP '), time.time() - t
