@@ -58,14 +58,14 @@ class Peak(TrainerCallback):
     "Peak GPU memory and wall time of the training loop alone (not loading or merging)."
     def on_train_begin(self, args, state, control, **kw): torch.cuda.reset_peak_memory_stats(); self.t = time.time(); self.step0 = state.global_step
     def on_train_end(self, args, state, control, **kw):
-        print('TRAIN_LOOP ' + json.dumps(dict(seconds=time.time() - self.t, steps=state.global_step - self.step0,
+        print('\\nTRAIN_LOOP ' + json.dumps(dict(seconds=time.time() - self.t, steps=state.global_step - self.step0,
               tokens=state.num_input_tokens_seen, peak_gib=torch.cuda.max_memory_allocated() / 2**30,
               reserved_gib=torch.cuda.max_memory_reserved() / 2**30)), flush=True)
 
 cfg = load_config(sys.argv[1], sys.argv[2:])
 t = time.time()
 res = train(cfg, callbacks=[Peak()])
-print('LEG_RESULT ' + json.dumps(dict(wall_s=time.time() - t, peak_gib=torch.cuda.max_memory_allocated() / 2**30,
+print('\\nLEG_RESULT ' + json.dumps(dict(wall_s=time.time() - t, peak_gib=torch.cuda.max_memory_allocated() / 2**30,
       metrics=res.metrics, merge_check=res.merge_check, resumed_from=res.resumed_from), default=str), flush=True)
 '''
 
@@ -85,7 +85,7 @@ def run_leg(cfg_path, overrides, kill_at=None, out_dir=None):
         time.sleep(0.2)
     reader.join(timeout=10)
     text = ''.join(lines)
-    grab = lambda tag: next((json.loads(l.split(tag, 1)[1]) for l in text.splitlines() if l.startswith(tag)), None)
+    grab = lambda tag: next((json.loads(l.split(tag, 1)[1]) for l in text.splitlines() if tag in l), None)
     return p.returncode, grab('LEG_RESULT '), grab('TRAIN_LOOP '), time.time() - t
 
 def main():
@@ -94,6 +94,7 @@ def main():
     ap.add_argument('--work', default='/tmp/qb', type=Path)
     ap.add_argument('--steps', default=6, type=int)
     ap.add_argument('--kill-after', default=3, type=int)
+    ap.add_argument('overrides', nargs='*', help='key=value config overrides for both legs')
     a = ap.parse_args()
     a.work.mkdir(parents=True, exist_ok=True)
     import torch
@@ -102,8 +103,8 @@ def main():
     build_s = build_random_7b(model_dir, a.tokenizer)
     cfg = write_config(a.work, model_dir, a.steps, a.kill_after)
     out = a.work/'out'
-    rc1, r1, loop1, s1 = run_leg(cfg, [], kill_at=a.kill_after, out_dir=out)
-    rc2, r2, loop2, s2 = run_leg(cfg, [])
+    rc1, r1, loop1, s1 = run_leg(cfg, a.overrides, kill_at=a.kill_after, out_dir=out)
+    rc2, r2, loop2, s2 = run_leg(cfg, a.overrides)
     fm = out/'final_model'
     print('\n| what | value |\n|---|---|')
     print(f'| build random 7B + save | {build_s:.0f} s |')
