@@ -56,10 +56,11 @@ from qlora_nb.train import train
 
 class Peak(TrainerCallback):
     "Peak GPU memory and wall time of the training loop alone (not loading or merging)."
-    def on_train_begin(self, args, state, control, **kw): torch.cuda.reset_peak_memory_stats(); self.t = time.time(); self.step0 = state.global_step
+    def on_train_begin(self, args, state, control, **kw):
+        torch.cuda.reset_peak_memory_stats(); self.t, self.step0, self.tok0 = time.time(), state.global_step, state.num_input_tokens_seen
     def on_train_end(self, args, state, control, **kw):
         print('\\nTRAIN_LOOP ' + json.dumps(dict(seconds=time.time() - self.t, steps=state.global_step - self.step0,
-              tokens=state.num_input_tokens_seen, peak_gib=torch.cuda.max_memory_allocated() / 2**30,
+              tokens=state.num_input_tokens_seen - self.tok0, peak_gib=torch.cuda.max_memory_allocated() / 2**30,
               reserved_gib=torch.cuda.max_memory_reserved() / 2**30)), flush=True)
 
 cfg = load_config(sys.argv[1], sys.argv[2:])
