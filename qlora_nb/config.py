@@ -72,8 +72,14 @@ class ExportSection:
     "How the adapter is merged into `final_model/` and how the merge is checked."
     merge_into: Literal['dequantized', 'original'] = 'dequantized'  # the NF4 base as trained, or the original 16-bit weights
     check_prompts: int = 4  # eval prompts used to compare merged vs adapter logits
-    max_abs_logit_diff: float = 0.05  # fail the export above this max |Δlogit| (dequantized merge only)
-    min_token_agreement: float = 0.99  # fail the export below this greedy-token agreement (dequantized merge only)
+    max_abs_logit_diff: float | None = None  # fail the export above this max |Δlogit| (dequantized merge only); null: by dtype
+    min_token_agreement: float | None = None  # fail the export below this greedy-token agreement; null: by dtype
+
+    def tolerances(self, dtype) -> tuple[float, float]:
+        "`(max |Δlogit|, min agreement)` for a merged model computing in `dtype`: what was set, else 0.05/0.99 in float32, 1.0/0.8 in 16 bits."
+        wide = str(dtype).removeprefix('torch.') == 'float32'
+        return (self.max_abs_logit_diff if self.max_abs_logit_diff is not None else 0.05 if wide else 1.0,
+                self.min_token_agreement if self.min_token_agreement is not None else 0.99 if wide else 0.8)
 
 # %% ../nbs/00_config.ipynb #b7bf214a
 @dataclass
@@ -96,11 +102,11 @@ class Config:
         "The resolved config as plain JSON-able values."
         return json.loads(json.dumps(dataclasses.asdict(self), default=str))
 
-# %% ../nbs/00_config.ipynb #e9a6bd84
+# %% ../nbs/00_config.ipynb #2c9bde0f
 class Loader(yaml.SafeLoader): "A safe YAML loader that reads `1e-4` as a float."
 Loader.add_implicit_resolver('tag:yaml.org,2002:float', re.compile(r'^[-+]?[0-9][0-9_]*(\.[0-9_]*)?[eE][-+]?[0-9]+$'), list('-+0123456789'))
 
-# %% ../nbs/00_config.ipynb #2c9bde0f
+# %% ../nbs/00_config.ipynb #844311e5
 def _key_lines(node, prefix=''):
     "Map each dotted key path in a composed YAML `node` to its 1-based line."
     out = {}
@@ -125,7 +131,7 @@ def read_yaml(path):
     if not isinstance(data, dict): raise ConfigError(f'{path}:1: expected a mapping of keys (model_name_or_path: ..., ...), got {type(data).__name__}')
     return data, _key_lines(node)
 
-# %% ../nbs/00_config.ipynb #2ac2677f
+# %% ../nbs/00_config.ipynb #07a1e43b
 def _describe(tp):
     "A type in words, for error messages."
     if tp is type(None): return 'null'
@@ -170,7 +176,7 @@ def check_value(value, tp):
     else: return value  # a type we don't check (left to the library that uses it)
     raise TypeError(f'expected {_describe(tp)}, got {value!r}')
 
-# %% ../nbs/00_config.ipynb #9b11bb62
+# %% ../nbs/00_config.ipynb #8b033d45
 _pos = lambda words: (lambda v: v > 0, words)
 RULES = {
     'lora_config.r': _pos('a positive integer'), 'lora_config.lora_alpha': _pos('a positive integer'),
@@ -185,11 +191,11 @@ RULES = {
 
 def check_rule(key, value):
     "The complaint about `value` at key path `key` if it breaks a rule in `RULES`, else None."
-    if key not in RULES: return None
+    if key not in RULES or value is None: return None
     ok, words = RULES[key]
     return None if ok(value) else f'expected {words}, got {value!r}'
 
-# %% ../nbs/00_config.ipynb #edeb9e0e
+# %% ../nbs/00_config.ipynb #01c8c271
 def _suggest(key, valid):
     close = difflib.get_close_matches(key, valid, n=1, cutoff=0.6)
     return f'did you mean {close[0]}?' if close else 'valid keys: ' + ', '.join(sorted(valid))
@@ -233,7 +239,7 @@ def _build(cls, data, where, prefix=''):
         if key == 'training_args': _check_training_args(v, where)
     return cls(**kw)
 
-# %% ../nbs/00_config.ipynb #ab97b26c
+# %% ../nbs/00_config.ipynb #884536ff
 def apply_override(data, override):
     "Set the dotted key of `override` ('a.b=value') in nested dict `data`, in place; return the key path."
     if '=' not in override: raise ConfigError(f'override {override!r}: expected key=value, e.g. training_args.max_steps=20')
@@ -250,7 +256,7 @@ def apply_override(data, override):
     d[last] = value
     return key
 
-# %% ../nbs/00_config.ipynb #e14c7aa1
+# %% ../nbs/00_config.ipynb #75d03dbf
 def _resolve(p, base):
     p = Path(p).expanduser()
     return p if p.is_absolute() else (base/p).resolve()
@@ -260,7 +266,7 @@ def resolve_model_path(name, base):
     if name.startswith(('./', '../', '/', '~', '.\\', '..\\')) or (base/name).exists(): return str(_resolve(name, base))
     return name
 
-# %% ../nbs/00_config.ipynb #510aad26
+# %% ../nbs/00_config.ipynb #4589e4fb
 def load_config(path, overrides=None):
     "Load the YAML config at `path`, apply `overrides` (['dotted.key=value', ...]) and return a validated `Config`."
     path = Path(path).expanduser().resolve()
