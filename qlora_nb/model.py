@@ -260,7 +260,7 @@ def tiny_qwen_config(tokenizer, vocab_size=4096, hidden_size=128, intermediate_s
     return Qwen2Config(vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=intermediate_size,
                        num_hidden_layers=num_hidden_layers, num_attention_heads=num_attention_heads,
                        num_key_value_heads=num_key_value_heads, max_position_embeddings=max_position_embeddings,
-                       rope_theta=1e6, rms_norm_eps=1e-6, tie_word_embeddings=True, use_sliding_window=False,
+                       rope_theta=1e6, rms_norm_eps=1e-6, tie_word_embeddings=False, use_sliding_window=False,
                        bos_token_id=eot, eos_token_id=im_end, pad_token_id=eot)
 
 def init_weights(model, seed: int = 0, std: float = 0.02):
