@@ -39,8 +39,7 @@ def stop_token_ids(tokenizer, model=None) -> list[int]:
 def load_base(config):
     "The 4-bit base model of `config`, ready for evaluation (on a CPU: kept in the fp32-dequantizing layout training uses)."
     from qlora_nb.model import load_model
-    from qlora_nb.train import keep_cpu_layout
-    return keep_cpu_layout(load_model(config)).eval()
+    return load_model(config).eval()
 
 # %% ../nbs/06_evaluate.ipynb #d3c38225
 _GEN_KEYS = ('max_new_tokens', 'do_sample', 'temperature', 'top_p', 'top_k', 'repetition_penalty')

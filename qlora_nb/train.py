@@ -15,7 +15,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from .config import Config
 from .data import load_records, split_records
 from .chatml import encode_records, audit_examples
-from .model import load_tokenizer, load_model
+from .model import load_tokenizer, load_model, keep_cpu_layout
 from .lora import add_lora
 
 _log = logging.getLogger(__name__)
@@ -24,10 +24,10 @@ _log = logging.getLogger(__name__)
 __all__ = ['STAGING', 'OUTPUTS', 'METRICS', 'LIBRARIES', 'TrainError', 'TrainInterrupted', 'MergeCheckError', 'PadCollator',
            'checkpoint_step', 'checkpoint_problems', 'list_checkpoints', 'find_last_checkpoint', 'discard_dir',
            'publish_dir', 'rotate_checkpoints', 'QLoRATrainer', 'resolve_resume', 'training_arguments', 'read_metrics',
-           'MetricsLogger', 'plot_loss_curve', 'prepare_examples', 'keep_cpu_layout', 'oom_advice', 'library_versions',
-           'sha256_file', 'run_manifest', 'summarize_metrics', 'TrainResult', 'model_compute_dtype', 'train',
-           'dequantize_model', 'load_merge_base', 'compare_logits', 'check_merge', 'MergeResult', 'merge_adapter',
-           'logged_values', 'adapter_diff']
+           'MetricsLogger', 'plot_loss_curve', 'prepare_examples', 'oom_advice', 'library_versions', 'sha256_file',
+           'run_manifest', 'summarize_metrics', 'TrainResult', 'model_compute_dtype', 'train', 'dequantize_model',
+           'load_merge_base', 'compare_logits', 'check_merge', 'MergeResult', 'merge_adapter', 'logged_values',
+           'adapter_diff']
 
 # %% ../nbs/05_train.ipynb #4d658fbe
 class TrainError(RuntimeError):
@@ -281,18 +281,6 @@ def prepare_examples(config: Config, tokenizer) -> tuple[list[dict], list[dict],
     _log.debug('examples: train %s, eval %s', train_rep, eval_rep)
     return train_ex, eval_ex, info
 
-# %% ../nbs/05_train.ipynb #f507aa6d
-def keep_cpu_layout(model):
-    "Keep bitsandbytes from repacking `model`'s 4-bit weights for CPU inference (which breaks training and dequantizing); undo it if done."
-    for m in model.modules():
-        if hasattr(m, 'support_avx512bf16_for_cpu'): m.support_avx512bf16_for_cpu = False
-        w = getattr(m, 'weight', None)
-        if getattr(getattr(w, 'quant_state', None), 'packing_format_for_cpu', False):
-            from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
-            w.data, w.quant_state = _convert_weight_packed_for_cpu_inverse(w.data, w.quant_state)
-            if hasattr(m, 'quant_state'): m.quant_state = w.quant_state
-    return model
-
 # %% ../nbs/05_train.ipynb #d2c72c2b
 _OOM = getattr(torch, 'OutOfMemoryError', torch.cuda.OutOfMemoryError)
 
@@ -419,7 +407,7 @@ def train(config: Config,  # from `load_config(path, overrides)`
         if _is_main(): shutil.rmtree(out/STAGING, ignore_errors=True)  # a save a killed run did not finish
         seed = config.training_args.get('seed', 42)
         transformers.set_seed(seed)
-        tokenizer, model = load_tokenizer(config), keep_cpu_layout(load_model(config))
+        tokenizer, model = load_tokenizer(config), load_model(config)
         transformers.set_seed(seed)  # the adapter's initial weights depend on the seed alone
         model = add_lora(model, config, seed=seed)
         train_ex, eval_ex, info = prepare_examples(config, tokenizer)
@@ -490,7 +478,7 @@ def compare_logits(model_a, model_b, examples: list[dict]) -> dict:
 def check_merge(config: Config, merged_dir, adapter_dir, examples: list[dict]) -> dict:
     "Compare the merged model in `merged_dir` with the adapter in `adapter_dir` on the 4-bit base; `passed` says if within `config.export`."
     from peft import PeftModel
-    ref = PeftModel.from_pretrained(keep_cpu_layout(load_model(config)), str(adapter_dir)).eval()
+    ref = PeftModel.from_pretrained(load_model(config), str(adapter_dir)).eval()
     dtype = model_compute_dtype(ref)
     merged = transformers.AutoModelForCausalLM.from_pretrained(str(merged_dir), dtype=dtype, trust_remote_code=config.trust_remote_code,
                                                                device_map='auto' if torch.cuda.is_available() else None).eval()
