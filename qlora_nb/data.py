@@ -8,15 +8,15 @@ import difflib, json, math, random, statistics, warnings
 import numpy as np
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from .config import QloraError
 
 # %% auto #0
 __all__ = ['ROLES', 'DataError', 'check_instruction', 'check_messages', 'check_record', 'scan_jsonl', 'load_records',
-           'record_format', 'LengthStats', 'find_duplicates', 'DataStats', 'inspect_records', 'format_stats',
-           'plot_lengths', 'split_records']
+           'record_format', 'to_messages', 'LengthStats', 'find_duplicates', 'DataStats', 'inspect_records',
+           'format_stats', 'plot_lengths', 'split_records', 'load_split']
 
 # %% ../nbs/01_data.ipynb #50c62820
-class DataError(ValueError):
+class DataError(QloraError, ValueError):
     "A data file that cannot be used; `.problems` lists every `path:line: problem`."
     def __init__(self, message: str, problems: list[str] | None = None):
         super().__init__(message)
@@ -153,20 +153,27 @@ def load_records(path  # a JSONL file of instruction and/or `messages` records
     if not records: raise DataError(f"{path}: no records (the file is empty or has only blank lines)")
     return records
 
-# %% ../nbs/01_data.ipynb #aaa9bd85
+# %% ../nbs/01_data.ipynb #67f213d2
+def _where(record) -> str:
+    "How an error names `record`: its line in the JSONL file when known."
+    return f"line {record['_line']}" if isinstance(record, dict) and '_line' in record else 'record'
+
 def record_format(rec: dict) -> str:
     "'messages' or 'instruction'."
-    return "messages" if "messages" in rec else "instruction"
+    return 'messages' if 'messages' in rec else 'instruction'
 
-def _as_messages(rec: dict, default_system: str | None = None) -> list[dict]:
-    "The `[{'role','content'}]` conversation of a validated record."
-    if record_format(rec) == "messages":
-        msgs = [{"role": m["role"], "content": m["content"]} for m in rec["messages"]]
+def to_messages(record: dict,  # an instruction record or a {"messages": [...]} record
+                default_system: str | None = None  # system prompt when the record has none; None: the template's own
+               ) -> list[dict]:
+    "The chat messages of one record, as `[{'role', 'content'}, ...]`; a `DataError` if the record is not valid."
+    if probs := check_record(record): raise DataError(f"{_where(record)}: {'; '.join(probs)}")
+    if record_format(record) == 'messages':
+        msgs = [{'role': m['role'], 'content': m['content']} for m in record['messages']]
     else:
-        user = rec["instruction"] + ("\n" + rec["input"] if rec.get("input") else "")
-        msgs = [{"role": "user", "content": user}, {"role": "assistant", "content": rec["output"]}]
-    system = rec.get("system") or default_system
-    if msgs[0]["role"] != "system" and system: msgs.insert(0, {"role": "system", "content": system})
+        user = record['instruction'] + ('\n' + record['input'] if record.get('input') else '')
+        msgs = [{'role': 'user', 'content': user}, {'role': 'assistant', 'content': record['output']}]
+    system = record.get('system') or default_system
+    if msgs[0]['role'] != 'system' and system: msgs.insert(0, {'role': 'system', 'content': system})
     return msgs
 
 # %% ../nbs/01_data.ipynb #8cd99dd2
@@ -241,12 +248,10 @@ def inspect_records(records: list[dict],          # validated records, as `load_
                     tokenizer=None,               # a tokenizer with a chat template; gives token lengths
                     max_length: int | None = None,  # count the examples longer than this many tokens
                     default_system: str | None = None,  # the system prompt of records without one
-                    to_messages: Callable | None = None,  # `to_messages(record, default_system)`; default: the rule above
                    ) -> DataStats:
     "Counts, length statistics, examples over `max_length` and exact duplicates of `records`."
     if not records: raise DataError("no records to inspect")
-    conv = to_messages or _as_messages
-    convs = [conv(r, default_system) for r in records]
+    convs = [to_messages(r, default_system) for r in records]
     msgs = [r for r in records if record_format(r) == "messages"]
     def chars(c, assistant): return sum(len(m["content"]) for m in c if (m["role"] == "assistant") == assistant)
     return DataStats(
@@ -329,3 +334,9 @@ def split_records(records: list[dict],      # validated records
     k = 0 if eval_ratio == 0 or n < 2 else min(n - 1, max(1, round(n * eval_ratio)))
     held = set(random.Random(seed).sample(range(n), k))
     return [r for i, r in enumerate(records) if i not in held], [r for i, r in enumerate(records) if i in held]
+
+# %% ../nbs/01_data.ipynb #42ce1202
+def load_split(config) -> tuple[list[dict], list[dict]]:
+    "`(train, eval)` records of `config`'s data, validated and split as `config.data` says."
+    d = config.data
+    return split_records(load_records(config.dataset_path), d.eval_ratio, d.seed, d.eval_dataset_path)
