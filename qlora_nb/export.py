@@ -122,6 +122,7 @@ def _other_tensors(adapted, adapter: str) -> dict:
         out['.'.join(x for x in parts if x != 'base_layer')] = (p, getattr(owner, 'compute_dtype', None))
     return out
 
+# %% ../nbs/06_export.ipynb #c8ce93c1
 def _layer_check(layer, adapter: str, merged_w: torch.Tensor, chunk: int) -> dict:
     "Compare one merged weight with W_base + s·B·A in float32, in row blocks; the largest error / bound and more."
     base = layer.get_base_layer()
@@ -149,6 +150,7 @@ def _layer_check(layer, adapter: str, merged_w: torch.Tensor, chunk: int) -> dic
         del wm, wb, a, b, delta, mag, err, bound, ratio
     return {'max_err_over_bound': worst, 'n_over': n_over, 'max_abs_err': max_err, 'elements': merged_w.numel(), 'finite': finite}
 
+# %% ../nbs/06_export.ipynb #69f19483
 @torch.no_grad()
 def check_merge_weights(merged,  # the merged model (in memory, or reloaded from disk)
                         adapted,  # the adapter on its base, as trained: a `PeftModel`
@@ -192,6 +194,7 @@ def check_merge_weights(merged,  # the merged model (in memory, or reloaded from
     problems += [f'{n}: differs from the base, which the adapter does not change' for n in mismatched]
     problems += [f'{n}: NaN or inf' for n in non_finite]
     worst = max(per_layer.items(), key=lambda kv: kv[1]['max_err_over_bound'], default=(None, {}))
+    if len(problems) > 20: problems = problems[:20] + [f'and {len(problems) - 20} more']
     return {'passed': not problems, 'finite': not non_finite, 'problems': problems, 'dtype': str(next(iter(mine.values())).dtype).removeprefix('torch.'),
             'layers': len(layers), 'elements': elements, 'max_err_over_bound': worst[1].get('max_err_over_bound', 0.0), 'worst_layer': worst[0],
             'layers_over': len(over), 'elements_over': sum(f['n_over'] for f in over.values()), 'other_tensors': len(others),
@@ -283,8 +286,8 @@ def stale_staging(out_dir) -> list[Path]:
     return found
 
 def _umask() -> int:
-    m = os.umask(0o022); os.umask(m)
-    return m
+    try: return int(next(l for l in Path('/proc/self/status').read_text().splitlines() if l.startswith('Umask:')).split()[1], 8)
+    except (OSError, StopIteration, ValueError): m = os.umask(0o022); os.umask(m); return m
 
 def share_files(folder):
     "Give every file in `folder` the mode a new file gets (0644 under umask 022): safetensors writes its files 0600."
