@@ -12,13 +12,13 @@ import transformers
 from .config import Config
 from .chatml import examples
 from .model import free_memory, input_device, keep_cpu_layout, load_model, load_tokenizer
-from .train import (METRICS, TrainError, TrainInterrupted, find_last_checkpoint, model_compute_dtype, publish_dir,
-                            read_metrics, run_manifest, summarize_metrics)
+from .train import (METRICS, STAGING, TRASH, TrainError, TrainInterrupted, find_last_checkpoint, model_compute_dtype, output_lock,
+                            publish_dir, read_metrics, record_outputs, run_manifest, summarize_metrics)
 
 # %% auto #0
-__all__ = ['U32', 'STAGING_PREFIX', 'ExportError', 'MergeCheckError', 'dequantize_model', 'load_merge_base', 'adapter_problems',
-           'rounding_bound', 'check_merge_weights', 'exact_float32', 'compare_logits', 'check_merge', 'stale_staging',
-           'share_files', 'MergeResult', 'merge_adapter']
+__all__ = ['U32', 'ExportError', 'MergeCheckError', 'dequantize_model', 'load_merge_base', 'adapter_problems', 'rounding_bound',
+           'check_merge_weights', 'exact_float32', 'compare_logits', 'check_merge', 'stale_staging', 'MergeResult',
+           'merge_adapter']
 
 # %% ../nbs/06_export.ipynb #239b9873
 class ExportError(TrainError):
@@ -122,7 +122,7 @@ def _other_tensors(adapted, adapter: str) -> dict:
         out['.'.join(x for x in parts if x != 'base_layer')] = (p, getattr(owner, 'compute_dtype', None))
     return out
 
-# %% ../nbs/06_export.ipynb #c8ce93c1
+# %% ../nbs/06_export.ipynb #348561dd
 def _layer_check(layer, adapter: str, merged_w: torch.Tensor, chunk: int) -> dict:
     "Compare one merged weight with W_base + s·B·A in float32, in row blocks; the largest error / bound and more."
     base = layer.get_base_layer()
@@ -150,7 +150,7 @@ def _layer_check(layer, adapter: str, merged_w: torch.Tensor, chunk: int) -> dic
         del wm, wb, a, b, delta, mag, err, bound, ratio
     return {'max_err_over_bound': worst, 'n_over': n_over, 'max_abs_err': max_err, 'elements': merged_w.numel(), 'finite': finite}
 
-# %% ../nbs/06_export.ipynb #69f19483
+# %% ../nbs/06_export.ipynb #68f063da
 @torch.no_grad()
 def check_merge_weights(merged,  # the merged model (in memory, or reloaded from disk)
                         adapted,  # the adapter on its base, as trained: a `PeftModel`
@@ -266,8 +266,6 @@ def check_merge(config: Config, merged, adapter_dir, examples: list[dict]) -> di
     return figs
 
 # %% ../nbs/06_export.ipynb #1d3c70b2
-STAGING_PREFIX = '.qlora_nb-staging'  # staging folders of merged models: .qlora_nb-staging-<final name>-<pid>, next to the final folder
-
 def _pid_alive(pid: int) -> bool:
     if os.name != 'posix': return True  # no safe probe (os.kill would end it on Windows): never treat it as gone
     try: os.kill(pid, 0)
@@ -276,24 +274,15 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 def stale_staging(out_dir) -> list[Path]:
-    "Leftovers of this tool's interrupted exports next to `out_dir` whose process is gone: staging and trash folders with its owned names."
-    out_dir = Path(out_dir)
-    pat = re.compile(rf'{re.escape(STAGING_PREFIX)}-{re.escape(out_dir.name)}-(\d+)|\.trash-{re.escape(out_dir.name)}-(\d+)-\d+')
+    "Leftovers of this tool's interrupted exports next to `out_dir` whose process is gone: its staging and trash folders for `out_dir`."
+    out_dir, n = Path(out_dir), re.escape(Path(out_dir).name)
+    pat = re.compile(rf'{re.escape(STAGING)}-{n}-(\d+)|(?:{re.escape(TRASH)}|\.trash)-{n}-(\d+)-\d+')  # .trash-: older versions
     found = []
     if out_dir.parent.is_dir():
         for p in sorted(out_dir.parent.iterdir()):
             if (m := pat.fullmatch(p.name)) and p.is_dir() and not p.is_symlink() and not _pid_alive(int(m[1] or m[2])): found.append(p)
     return found
 
-def _umask() -> int:
-    try: return int(next(l for l in Path('/proc/self/status').read_text().splitlines() if l.startswith('Umask:')).split()[1], 8)
-    except (OSError, StopIteration, ValueError): m = os.umask(0o022); os.umask(m); return m
-
-def share_files(folder):
-    "Give every file in `folder` the mode a new file gets (0644 under umask 022): safetensors writes its files 0600."
-    mode = 0o666 & ~_umask()
-    for f in Path(folder).rglob('*'):
-        if f.is_file() and not f.is_symlink(): os.chmod(f, mode)
 
 # %% ../nbs/06_export.ipynb #97b1eed2
 @dataclass
@@ -314,6 +303,15 @@ def _finish_hint(config: Config, adapter_dir: Path, out_dir: Path) -> str:
 def _not_written(out_dir: Path, existed: bool) -> str:
     return f'{out_dir} was not written' + (' (the earlier one is unchanged)' if existed else '')
 
+def _manifest(config: Config, tokenizer, adapter_dir: Path, metrics: dict | None, check: dict) -> dict:
+    "training_config.json of the merged model: the adapter's (how it was trained), else a new one; with the merge check."
+    try: man = json.loads((adapter_dir/'training_config.json').read_text(encoding='utf-8'))
+    except (OSError, ValueError): man = None
+    if not isinstance(man, dict):
+        man = run_manifest(config, tokenizer, metrics if metrics is not None else summarize_metrics(read_metrics(Path(config.output_dir)/METRICS)))
+    elif metrics is not None: man['metrics'] = metrics
+    return man | {'merged_adapter': str(adapter_dir), 'merge_check': check, 'merged': time.strftime('%Y-%m-%dT%H:%M:%S%z')}
+
 def merge_adapter(config: Config,  # the run's config (base model, quantization, export settings)
                   adapter_dir=None,  # a PEFT adapter folder; default output_dir/lora_adapter (a checkpoint-N folder works too)
                   out_dir=None,  # where to write the merged model; default output_dir/final_model
@@ -330,12 +328,12 @@ def merge_adapter(config: Config,  # the run's config (base model, quantization,
                          (f'the newest checkpoint has one: merge_adapter(config, adapter_dir="{last}") or qlora_nb_merge with that folder' if last else
                           'train first (qlora_nb_train), or give the folder of an adapter'))
     if probs := adapter_problems(adapter_dir): raise MergeCheckError(f'{adapter_dir}: not merged: {"; ".join(probs)}. Nothing was written')
-    if removed := stale_staging(out_dir):
-        for p in removed: shutil.rmtree(p, ignore_errors=True)
-        print(f'removed what interrupted exports left: {", ".join(p.name for p in removed)}')
-    staging, existed = out_dir.parent/f'{STAGING_PREFIX}-{out_dir.name}-{os.getpid()}', out_dir.exists()
+    staging, existed = out_dir.parent/f'{STAGING}-{out_dir.name}-{os.getpid()}', out_dir.exists()
     try:
-        with exact_float32():
+        with output_lock(out, 'merge'), exact_float32():
+            if removed := stale_staging(out_dir):
+                for p in removed: shutil.rmtree(p, ignore_errors=True)
+                print(f'removed what interrupted exports left: {", ".join(p.name for p in removed)}')
             tokenizer = load_tokenizer(config)
             mode = config.export.merge_into if config.quantization_config.load_in_4bit else 'trained'
             merged = PeftModel.from_pretrained(load_merge_base(config), str(adapter_dir)).merge_and_unload()
@@ -345,24 +343,24 @@ def merge_adapter(config: Config,  # the run's config (base model, quantization,
             del merged; free_memory()
             if check_examples is None: check_examples = examples(config, tokenizer, 'eval')[0] or examples(config, tokenizer)[0]
             check = check_merge(config, staging, adapter_dir, check_examples[:config.export.check_prompts])
-        check.update(merge_into=mode, enforced=mode != 'original')
-        if metrics is None: metrics = summarize_metrics(read_metrics(out/METRICS))
-        (staging/'training_config.json').write_text(json.dumps(run_manifest(config, tokenizer, metrics, check), indent=2, ensure_ascii=False))
-        share_files(staging)
-        if not check['finite'] or (check['enforced'] and not check['passed']):
-            shutil.rmtree(staging, ignore_errors=True)
-            p = check['problems']
-            raise MergeCheckError(f"the merged model does not reproduce the adapter on its {'4-bit ' if mode == 'dequantized' else ''}base "
-                                  f"({check['weights']['dtype']}): {'; '.join(p[:3])}{f'; and {len(p) - 3} more' if len(p) > 3 else ''}. "
-                                  f'{_not_written(out_dir, existed)}; the adapter is in {adapter_dir}')
-        return MergeResult(publish_dir(staging, out_dir), adapter_dir, check)
+            check.update(merge_into=mode, enforced=mode != 'original')
+            (staging/'training_config.json').write_text(json.dumps(_manifest(config, tokenizer, adapter_dir, metrics, check), indent=2,
+                                                                   ensure_ascii=False), encoding='utf-8')
+            if not check['finite'] or (check['enforced'] and not check['passed']):
+                shutil.rmtree(staging, ignore_errors=True)
+                p = check['problems']
+                raise MergeCheckError(f"the merged model does not reproduce the adapter on its {'4-bit ' if mode == 'dequantized' else ''}base "
+                                      f"({check['weights']['dtype']}): {'; '.join(p[:3])}{f'; and {len(p) - 3} more' if len(p) > 3 else ''}. "
+                                      f'{_not_written(out_dir, existed)}; the adapter is in {adapter_dir}')
+            if out_dir.parent.resolve() == out.resolve(): record_outputs(out, out_dir.name)
+            return MergeResult(publish_dir(staging, out_dir), adapter_dir, check)  # files made readable (0644 under umask 022), renamed
     except KeyboardInterrupt:
         shutil.rmtree(staging, ignore_errors=True)
         raise TrainInterrupted(f'Export interrupted (Ctrl-C): {_not_written(out_dir, existed)}. {_finish_hint(config, adapter_dir, out_dir)}.') from None
     except Exception as e:
-        from safetensors import SafetensorError
-        if not isinstance(e, (OSError, SafetensorError)): shutil.rmtree(staging, ignore_errors=True); raise
         shutil.rmtree(staging, ignore_errors=True)
+        from safetensors import SafetensorError
+        if not isinstance(e, (OSError, SafetensorError)): raise
         full = getattr(e, 'errno', None) == errno.ENOSPC or 'os error 28' in str(e)
         why = f'the disk is full ({e})' if full else str(e)
         raise ExportError(f'Export failed writing the merged model: {why}. {_not_written(out_dir, existed)}. '
