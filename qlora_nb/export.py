@@ -122,7 +122,7 @@ def _other_tensors(adapted, adapter: str) -> dict:
         out['.'.join(x for x in parts if x != 'base_layer')] = (p, getattr(owner, 'compute_dtype', None))
     return out
 
-# %% ../nbs/06_export.ipynb #348561dd
+# %% ../nbs/06_export.ipynb #72639eda
 def _layer_check(layer, adapter: str, merged_w: torch.Tensor, chunk: int) -> dict:
     "Compare one merged weight with W_base + s·B·A in float32, in row blocks; the largest error / bound and more."
     base = layer.get_base_layer()
@@ -150,7 +150,7 @@ def _layer_check(layer, adapter: str, merged_w: torch.Tensor, chunk: int) -> dic
         del wm, wb, a, b, delta, mag, err, bound, ratio
     return {'max_err_over_bound': worst, 'n_over': n_over, 'max_abs_err': max_err, 'elements': merged_w.numel(), 'finite': finite}
 
-# %% ../nbs/06_export.ipynb #68f063da
+# %% ../nbs/06_export.ipynb #f7bc20e7
 @torch.no_grad()
 def check_merge_weights(merged,  # the merged model (in memory, or reloaded from disk)
                         adapted,  # the adapter on its base, as trained: a `PeftModel`
