@@ -4,29 +4,40 @@
 
 # %% ../nbs/05_train.ipynb #27898a28
 from __future__ import annotations
-import contextlib, hashlib, json, logging, os, re, shutil, time
+import contextlib, dataclasses, functools, hashlib, json, logging, math, os, platform, re, shutil, socket, subprocess, sys, time
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 import torch
 import transformers
-from transformers import Trainer, TrainerCallback, TrainingArguments
+from transformers import Trainer, TrainerCallback, TrainerState, TrainingArguments
+from transformers.trainer_callback import ProgressCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
-from .config import Config, QloraError, EXIT_TRAIN, EXIT_INTERRUPTED
-from .chatml import PadCollator, examples
-from .model import free_memory, load_tokenizer, load_model
+from .config import Config, ConfigError, QloraError, EXIT_TRAIN, EXIT_INTERRUPTED
+from .chatml import TRUNCATION, PadCollator, examples
+from .model import compute_dtype, free_memory, load_tokenizer, load_model
 from .lora import add_lora
+
+try: import fcntl
+except ImportError: fcntl = None  # Windows: an O_EXCL lock file instead of flock (see output_lock)
 
 _log = logging.getLogger(__name__)
 
 # %% auto #0
-__all__ = ['STAGING', 'OUTPUTS', 'METRICS', 'LIBRARIES', 'TrainError', 'TrainInterrupted', 'checkpoint_step',
+__all__ = ['EXIT_LOCKED', 'LOCK', 'OUTPUT_MANIFEST', 'STAGING', 'TRASH', 'CHECKSUMS', 'RUN_INFO', 'OUTPUTS', 'FINGERPRINT_ARGS',
+           'STOP_ARGS', 'SHAPE_KEYS', 'KEPT_FROM_CHECKPOINT', 'METRICS', 'LIBRARIES', 'DROP_WARN', 'TrainError',
+           'TrainInterrupted', 'OutputLocked', 'writable_dir', 'describe_holder', 'output_lock', 'record_outputs',
+           'forget_outputs', 'owned_outputs', 'checkpoint_step', 'sha256_file', 'write_checksums',
            'checkpoint_problems', 'list_checkpoints', 'find_last_checkpoint', 'discard_dir', 'publish_dir',
-           'rotate_checkpoints', 'QLoRATrainer', 'resolve_resume', 'training_arguments', 'read_metrics',
-           'MetricsLogger', 'plot_loss_curve', 'oom_advice', 'library_versions', 'sha256_file', 'run_manifest',
-           'summarize_metrics', 'TrainResult', 'model_compute_dtype', 'train']
+           'rotate_checkpoints', 'clean_leftovers', 'QLoRATrainer', 'resolve_resume', 'base_model_info',
+           'run_fingerprint', 'fingerprint_changes', 'check_resume', 'training_arguments', 'read_metrics',
+           'MetricsLogger', 'plot_loss_curve', 'oom_advice', 'diverged', 'NonFiniteGuard', 'nonfinite_tensors',
+           'align_config_tokens', 'QuietEvalProgress', 'library_versions', 'source_commit', 'report_dict',
+           'run_manifest', 'summarize_metrics', 'TrainResult', 'report_examples', 'model_compute_dtype', 'train']
 
 # %% ../nbs/05_train.ipynb #4d658fbe
+EXIT_LOCKED = 4  # exit status of a command refused because another process holds the output folder's lock
+
 class TrainError(QloraError, RuntimeError):
     "Training or export stopped; the message says why and what to do."
     exit_code = EXIT_TRAIN
@@ -35,8 +46,153 @@ class TrainInterrupted(TrainError):
     "Training stopped by Ctrl-C; the message names the checkpoint that rerunning the same command resumes from."
     exit_code = EXIT_INTERRUPTED
 
+class OutputLocked(QloraError, RuntimeError):
+    "Another process is writing to the output folder (train, merge or eval); the message names it. Nothing was changed."
+    exit_code = EXIT_LOCKED
+
+# %% ../nbs/05_train.ipynb #51cd005c
+LOCK = '.qlora_nb.lock'  # in output_dir while a qlora_nb command writes there
+_held: dict[str, list] = {}  # lock file -> [fd, depth] for the locks this process holds
+
+def _is_main() -> bool: return int(os.environ.get('RANK', '0')) == 0  # under accelerate/torchrun only rank 0 touches files
+
+def writable_dir(output_dir) -> Path:
+    "`output_dir`, created if missing; a `ConfigError` if it is a file or cannot be written."
+    out = Path(output_dir)
+    if out.exists() and not out.is_dir(): raise ConfigError(f'output_dir: {out} is a file; give a folder (it is created if missing)')
+    try: out.mkdir(parents=True, exist_ok=True)
+    except OSError as e: raise ConfigError(f'output_dir: cannot create {out} ({e.strerror}); choose a folder you can write to') from None
+    if not os.access(out, os.W_OK | os.X_OK):
+        raise ConfigError(f'output_dir: {out} is not writable (read-only file system or no permission); choose a folder you can write to')
+    return out
+
+def _holder(path) -> dict:
+    "What the lock file `path` says about its holder ({} if nothing readable)."
+    try: h = json.loads(Path(path).read_text(encoding='utf-8'))
+    except (OSError, ValueError): return {}
+    return h if isinstance(h, dict) else {}
+
+def describe_holder(h: dict) -> str:
+    "One line about the holder of a lock."
+    return (f"pid {h.get('pid', '?')} on {h.get('host', '?')} ({h.get('what', '?')}: {h.get('command', '?')}; "
+            f"started {h.get('started', '?')})")
+
+def _pid_alive(pid) -> bool:
+    if os.name == 'nt': return True  # os.kill(pid, 0) would send Ctrl-C there: never guess that a holder has ended
+    try: os.kill(int(pid), 0)
+    except ProcessLookupError: return False
+    except (OSError, ValueError, TypeError, OverflowError): return True  # another user's process, or no pid: assume it runs
+    return True
+
+def _refusal(out: Path, h: dict) -> str:
+    return (f'{out} is in use: another qlora_nb command is writing there ({describe_holder(h)}). Wait for it to end or stop it, '
+            f'or use another output_dir. Nothing was changed.')
+
+def _write_holder(fd: int, info: dict):
+    os.ftruncate(fd, 0); os.lseek(fd, 0, os.SEEK_SET)
+    os.write(fd, json.dumps(info).encode()); os.fsync(fd)
+
+def _acquire(path: Path, info: dict) -> tuple[int, dict | None]:
+    "Lock file `path` for this process: (fd, the holder a stale lock file named, or None). Raises `OutputLocked`."
+    stale = None
+    if fcntl is not None:
+        while True:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+            try: fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError: os.close(fd); raise OutputLocked(_refusal(path.parent, _holder(path))) from None
+            except OSError: os.close(fd); break  # no flock on this file system: use the O_EXCL file below
+            try: same = os.fstat(fd).st_ino == os.stat(path).st_ino
+            except FileNotFoundError: same = False
+            if same:  # (a holder that releases removes the file first; then we locked a file no one else will open)
+                if (h := _holder(path)): stale = h  # the file of a holder that did not release: it ended without cleaning up
+                _write_holder(fd, info); return fd, stale
+            os.close(fd)
+    for _ in range(3):
+        try: fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
+        except FileExistsError:
+            h = _holder(path)
+            if h.get('host') == socket.gethostname() and not _pid_alive(h.get('pid')) or not h:
+                stale = h or stale; path.unlink(missing_ok=True); continue
+            raise OutputLocked(_refusal(path.parent, h) + f' (If no such process runs any more, delete {path}.)') from None
+        _write_holder(fd, info); return fd, stale
+    raise OutputLocked(f'{path}: could not take the lock (it keeps reappearing); is another qlora_nb command starting here?')
+
+@contextlib.contextmanager
+def output_lock(output_dir, what: str):
+    "Hold the exclusive lock of `output_dir` (created if missing) inside the block; `what` says what for ('train', 'merge', 'eval')."
+    out = writable_dir(output_dir)
+    path = out/LOCK
+    key = str(path.resolve())
+    if not _is_main() or key in _held:  # other ranks rely on rank 0's lock; a holder may take its own lock again
+        if key in _held: _held[key][1] += 1
+        try: yield path
+        finally:
+            if key in _held: _held[key][1] -= 1
+        return
+    info = {'pid': os.getpid(), 'host': socket.gethostname(), 'what': what, 'command': ' '.join(sys.argv) or sys.executable,
+            'started': time.strftime('%Y-%m-%dT%H:%M:%S%z')}
+    fd, stale = _acquire(path, info)
+    if stale: print(f'{out}: took over the stale lock of {describe_holder(stale)}: that process has ended', file=sys.stderr)
+    _held[key] = [fd, 1]
+    try: yield path
+    finally:
+        _held[key][1] -= 1
+        if _held[key][1] == 0:
+            del _held[key]
+            with contextlib.suppress(OSError): path.unlink()  # remove the file while still holding the lock, then let go
+            os.close(fd)
+
+# %% ../nbs/05_train.ipynb #91b65e32
+OUTPUT_MANIFEST = '.qlora_nb.json'  # in output_dir: the top-level names qlora_nb wrote there
+
+def _natural(name: str) -> list:
+    return [int(t) if t.isdigit() else t for t in re.split(r'(\d+)', name)]
+
+def _read_manifest(out: Path) -> dict:
+    p = out/OUTPUT_MANIFEST
+    try: m = json.loads(p.read_text(encoding='utf-8'))
+    except FileNotFoundError: return {}
+    except (OSError, ValueError) as e:
+        raise TrainError(f'{p}: unreadable ({e}); it lists what qlora_nb wrote in {out}. Restore it, or move the folder\'s contents away') from None
+    return m.get('outputs', {}) if isinstance(m, dict) and isinstance(m.get('outputs'), dict) else {}
+
+def _write_manifest(out: Path, outputs: dict):
+    if not outputs: (out/OUTPUT_MANIFEST).unlink(missing_ok=True); return
+    tmp = out/f'{OUTPUT_MANIFEST}.tmp'
+    tmp.write_text(json.dumps({'written_by': 'qlora_nb', 'outputs': outputs}, indent=1), encoding='utf-8')
+    os.replace(tmp, out/OUTPUT_MANIFEST)
+
+def _entry_name(n) -> str:
+    n = str(n)
+    if not n or n in ('.', '..') or '/' in n or os.sep in n or n.startswith('.qlora_nb'):
+        raise ValueError(f'record_outputs: {n!r} is not the name of an entry directly in output_dir')
+    return n
+
+def record_outputs(output_dir, *names):
+    "Record in `output_dir/.qlora_nb.json` that qlora_nb writes the top-level entries `names` (call it before writing them)."
+    out = Path(output_dir)
+    outs = _read_manifest(out)
+    new = [_entry_name(n) for n in names if str(n) not in outs]
+    if new: _write_manifest(out, {**outs, **{n: time.strftime('%Y-%m-%dT%H:%M:%S%z') for n in new}})
+
+def forget_outputs(output_dir, *names):
+    "Drop `names` from `output_dir/.qlora_nb.json` (after their entries were removed)."
+    out = Path(output_dir)
+    outs = _read_manifest(out)
+    if any(str(n) in outs for n in names): _write_manifest(out, {k: v for k, v in outs.items() if k not in {str(n) for n in names}})
+
+def _exists(p: Path) -> bool: return p.exists() or p.is_symlink()
+
+def owned_outputs(output_dir) -> list[str]:
+    "The entries of `output_dir` that qlora_nb recorded writing and that exist now, in natural order (checkpoint-8 before checkpoint-10)."
+    out = Path(output_dir)
+    return sorted((n for n in _read_manifest(out) if _exists(out/n)), key=_natural)
+
 # %% ../nbs/05_train.ipynb #553cd888
-STAGING = '.staging'  # where checkpoints and outputs are written before they get their real name
+STAGING = '.qlora_nb-staging'  # prefix of the folders where checkpoints and outputs are written before they get their real name
+TRASH = '.qlora_nb-trash'  # prefix of the names entries get just before they are deleted
+CHECKSUMS = 'qlora_nb_checksums.json'  # in each checkpoint-N: size and sha256 of its files, written before it is published
+RUN_INFO = 'qlora_nb_run.json'  # in each checkpoint-N: the settings and data it was trained with (see run_fingerprint)
 _CKPT_RE = re.compile(rf'{PREFIX_CHECKPOINT_DIR}-(\d+)')
 
 def checkpoint_step(path) -> int | None:
@@ -44,14 +200,41 @@ def checkpoint_step(path) -> int | None:
     m = _CKPT_RE.fullmatch(Path(path).name)
     return int(m[1]) if m else None
 
+def sha256_file(path) -> str:
+    "The sha256 hex digest of a file's bytes."
+    h = hashlib.sha256()
+    with open(path, 'rb') as f:
+        for block in iter(lambda: f.read(1 << 20), b''): h.update(block)
+    return h.hexdigest()
+
+def write_checksums(folder) -> dict:
+    "Record the size and sha256 of every file under `folder` in `folder/qlora_nb_checksums.json`; return them."
+    p = Path(folder)
+    files = {f.relative_to(p).as_posix(): {'size': f.stat().st_size, 'sha256': sha256_file(f)}
+             for f in sorted(p.rglob('*')) if f.is_file() and f.name != CHECKSUMS}
+    (p/CHECKSUMS).write_text(json.dumps(files, indent=1))
+    return files
+
+def _checksum_problems(p: Path) -> list[str]:
+    try: files = json.loads((p/CHECKSUMS).read_text())
+    except FileNotFoundError: return []  # written by another tool or an older qlora_nb: only the structure can be checked
+    except (OSError, ValueError) as e: return [f'{p}: unreadable {CHECKSUMS} ({e})']
+    probs = []
+    for rel, want in files.items():
+        f = p/rel
+        if not f.is_file(): probs.append(f'{p}: {rel} is missing (it was saved with the checkpoint)')
+        elif (size := f.stat().st_size) != want['size']: probs.append(f'{p}: {rel} has {size} bytes, {want["size"]} when saved (cut short?)')
+        elif sha256_file(f) != want['sha256']: probs.append(f'{p}: {rel} differs from the file saved (sha256 mismatch: damaged on disk or changed since)')
+    return probs
+
 _NEEDED = {'adapter weights (adapter_model.safetensors)': ('adapter_model.safetensors', 'adapter_model.bin', 'model.safetensors', 'model.safetensors.index.json', 'pytorch_model.bin'),
            'optimizer state (optimizer.pt)': ('optimizer.pt', 'optimizer_0', 'optimizer.bin'),
            'scheduler state (scheduler.pt)': ('scheduler.pt',),
            'RNG state (rng_state.pth)': ('rng_state.pth', 'rng_state_*.pth'),
            'trainer state (trainer_state.json)': ('trainer_state.json',)}
 
-def checkpoint_problems(path) -> list[str]:
-    "What a resume from checkpoint folder `path` would miss; empty when it is complete."
+def checkpoint_problems(path, verify: bool = True) -> list[str]:
+    "What a resume from checkpoint folder `path` would miss or find damaged (with `verify`, against its checksums); empty when it is sound."
     p = Path(path)
     if not p.is_dir(): return [f'{p}: no such checkpoint folder']
     probs = []
@@ -63,6 +246,7 @@ def checkpoint_problems(path) -> list[str]:
         try: step = json.loads((p/'trainer_state.json').read_text())['global_step']
         except Exception as e: return [f'{p}: unreadable trainer_state.json ({e})']
         if checkpoint_step(p) not in (None, step): probs.append(f'{p}: trainer_state.json says global_step {step}, the folder name says {checkpoint_step(p)}')
+    if not probs and verify: probs = _checksum_problems(p)
     return probs
 
 # %% ../nbs/05_train.ipynb #f3983272
@@ -73,10 +257,10 @@ def list_checkpoints(output_dir) -> list[Path]:
     return sorted((p for p in d.iterdir() if p.is_dir() and checkpoint_step(p) is not None), key=checkpoint_step)
 
 def find_last_checkpoint(output_dir) -> Path | None:
-    "The newest complete `checkpoint-N` folder in `output_dir`, or None."
+    "The newest complete and intact `checkpoint-N` folder in `output_dir`, or None; warns about each one skipped."
     for p in reversed(list_checkpoints(output_dir)):
         if not (probs := checkpoint_problems(p)): return p
-        _log.warning('ignoring incomplete %s: %s', p.name, '; '.join(probs))
+        print(f'warning: skipping {p}: ' + '; '.join(probs), file=sys.stderr)
     return None
 
 # %% ../nbs/05_train.ipynb #643d1a60
@@ -87,21 +271,33 @@ def _fsync(path):
     except OSError: pass
     finally: os.close(fd)
 
+def _umask() -> int:
+    try:
+        for line in Path('/proc/self/status').read_text().splitlines():
+            if line.startswith('Umask:'): return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError): pass
+    m = os.umask(0o022); os.umask(m)  # no /proc: read it by setting it (briefly)
+    return m
+
 def discard_dir(path):
-    "Delete folder `path`, renaming it to a hidden name first so no half-deleted folder keeps the real name."
+    "Delete `path` (a folder, a file or a link), renaming it to a hidden name first so nothing half-deleted keeps the real name."
     p = Path(path)
-    if not p.exists(): return
-    trash = p.with_name(f'.trash-{p.name}-{os.getpid()}-{time.time_ns()}')
+    if not (p.exists() or p.is_symlink()): return
+    trash = p.with_name(f'{TRASH}-{p.name}-{os.getpid()}-{time.time_ns()}')
     os.replace(p, trash)
-    shutil.rmtree(trash, ignore_errors=True)
+    if trash.is_dir() and not trash.is_symlink(): shutil.rmtree(trash, ignore_errors=True)
+    else: trash.unlink(missing_ok=True)
 
 def publish_dir(src, dst) -> Path:
-    "Flush finished folder `src` to disk and rename it to `dst` (replacing an old `dst`) in one atomic step."
+    "Flush finished folder `src` to disk, make its files readable as the umask allows, and rename it to `dst` (replacing an old `dst`) in one step."
     src, dst = Path(src), Path(dst)
+    mode = 0o666 & ~_umask()
     for root, _, files in os.walk(src):
-        for f in files: _fsync(os.path.join(root, f))
+        for f in files:
+            os.chmod(os.path.join(root, f), mode)
+            _fsync(os.path.join(root, f))
         _fsync(root)
-    if dst.exists(): discard_dir(dst)
+    if dst.exists() or dst.is_symlink(): discard_dir(dst)
     os.replace(src, dst)
     _fsync(dst.parent)
     return dst
@@ -115,15 +311,42 @@ def rotate_checkpoints(output_dir, save_total_limit: int | None, keep=()) -> lis
     for c in cks:
         if len(gone) >= extra: break
         if c.resolve() not in keep: discard_dir(c); gone.append(c)
+    forget_outputs(output_dir, *(c.name for c in gone))
+    return gone
+
+# %% ../nbs/05_train.ipynb #2d876ca3
+_LEFTOVER = re.compile(rf'(?:{re.escape(STAGING)}|{re.escape(TRASH)})-.+'
+                       rf'|\.trash-(?:{PREFIX_CHECKPOINT_DIR}-\d+|lora_adapter|final_model|metrics\.jsonl|loss_curve\.png)-\d+-\d+')
+
+def clean_leftovers(output_dir) -> list[str]:
+    "Delete the staging and trash entries that interrupted qlora_nb commands left in `output_dir`; return their names."
+    out, mine, gone = Path(output_dir), f'{STAGING}-{os.getpid()}', []
+    for p in (sorted(out.iterdir()) if out.is_dir() else []):
+        if _LEFTOVER.fullmatch(p.name) and p.name != mine:
+            if p.is_dir() and not p.is_symlink(): shutil.rmtree(p, ignore_errors=True)
+            else: p.unlink(missing_ok=True)
+            gone.append(p.name)
     return gone
 
 # %% ../nbs/05_train.ipynb #c263eae2
 class QLoRATrainer(Trainer):
-    "A `Trainer` whose checkpoints appear atomically: written into `output_dir/.staging`, flushed, then renamed to `checkpoint-N`."
+    "A `Trainer` whose checkpoints appear atomically and verifiably, and that stops on a non-finite loss."
+    run_info: dict | None = None  # written into each checkpoint as qlora_nb_run.json (`train` sets it)
+    _staging_name: str | None = None
+
+    def staging_dir(self, run_dir) -> Path:
+        "The folder saves are written to before they are published: `run_dir/.qlora_nb-staging-<pid of the main process>`."
+        if self._staging_name is None:
+            name = [f'{STAGING}-{os.getpid()}']
+            if self.accelerator.num_processes > 1:
+                from accelerate.utils import broadcast_object_list
+                broadcast_object_list(name)  # every process writes into the main process's folder
+            self._staging_name = name[0]
+        return Path(run_dir)/self._staging_name
 
     def _save_checkpoint(self, model, trial):
         run_dir = Path(self._get_output_dir(trial=trial))
-        staging, name = run_dir/STAGING, f'{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}'
+        staging, name = self.staging_dir(run_dir), f'{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}'
         if self.args.should_save:
             shutil.rmtree(staging, ignore_errors=True)
             staging.mkdir(parents=True)
@@ -137,41 +360,172 @@ class QLoRATrainer(Trainer):
             if best and (best == self.state.global_step or (run_dir/f'{PREFIX_CHECKPOINT_DIR}-{best}').is_dir()):
                 self.state.best_model_checkpoint = str(run_dir/f'{PREFIX_CHECKPOINT_DIR}-{best}')
                 self.state.save_to_json(str(staging/name/'trainer_state.json'))  # the staging path must not be remembered
+            if self.run_info is not None: (staging/name/RUN_INFO).write_text(json.dumps(self.run_info, indent=1, ensure_ascii=False))
+            write_checksums(staging/name)
+            record_outputs(run_dir, name)
             final = publish_dir(staging/name, run_dir/name)
             shutil.rmtree(staging, ignore_errors=True)
             rotate_checkpoints(run_dir, self.args.save_total_limit, keep=[final, self.state.best_model_checkpoint])
         self.accelerator.wait_for_everyone()
 
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        if not torch.isfinite(loss).all():
+            raise TrainError(diverged(self.args.output_dir, self.state.global_step + 1, f'the training loss is {loss.float().mean().item()}'))
+        return loss
+
 # %% ../nbs/05_train.ipynb #2e55e72e
-OUTPUTS = ('lora_adapter', 'final_model', 'metrics.jsonl', 'loss_curve.png')
+OUTPUTS = ('lora_adapter', 'final_model', 'metrics.jsonl', 'loss_curve.png', 'runs', 'eval')  # what qlora_nb writes, besides checkpoint-N
+_FINISHED = ('lora_adapter', 'final_model', 'eval')  # outputs of a finished run: replaced only with --overwrite
+_INTERNAL = re.compile(rf'{re.escape(LOCK)}|{re.escape(OUTPUT_MANIFEST)}(?:\.tmp)?|(?:{re.escape(STAGING)}|{re.escape(TRASH)})-.+')
 
-def _is_main() -> bool: return int(os.environ.get('RANK', '0')) == 0  # under accelerate/torchrun only rank 0 touches files
+def _listing(out: Path) -> list[str]:
+    "The entries of `out` other than qlora_nb's own bookkeeping, in natural order."
+    return sorted((p.name for p in out.iterdir() if not _INTERNAL.fullmatch(p.name)), key=_natural) if out.is_dir() else []
 
-def _existing(out: Path) -> list[str]:
-    return [p.name for p in list_checkpoints(out)] + [n for n in OUTPUTS if (out/n).exists()]
+def _inputs(config: Config) -> list[Path]:
+    "The files a run reads: never deleted or written over, whatever they are called."
+    ps = [config.dataset_path, config.data.eval_dataset_path, config.config_path, config.model_name_or_path]
+    return [Path(p).resolve() for p in ps if p and Path(p).exists()]
+
+def _holds_input(entry: Path, inputs: list[Path]) -> Path | None:
+    e = entry.parent.resolve()/entry.name  # the entry itself, not what a link points to
+    return next((p for p in inputs if p == e or e in p.parents), None)
+
+def _remove(out: Path, names: list[str]):
+    for n in names: discard_dir(out/n)
+    forget_outputs(out, *names)
 
 def resolve_resume(config: Config, overwrite: bool = False) -> Path | None:
-    "The checkpoint to resume from (None: start fresh); deletes old outputs when `overwrite`; raises `TrainError` rather than overwrite."
+    "The checkpoint to resume from (None: start fresh); removes qlora_nb's old outputs when `overwrite`; raises `TrainError` rather than overwrite."
     out, r = Path(config.output_dir), config.resume_from_checkpoint
-    old = _existing(out)
+    owned, listing, inputs = owned_outputs(out), _listing(out), _inputs(config)
+    named = [n for n in listing if n in OUTPUTS or checkpoint_step(n) is not None]
+    foreign = [n for n in named if n not in owned]
+    held = {n: p for n in named if (p := _holds_input(out/n, inputs))}
+    if foreign or held:
+        msg = []
+        if foreign: msg.append(f'{out} holds {", ".join(foreign)}, named like the outputs of a run but not written by qlora_nb '
+                               f'(not listed in {OUTPUT_MANIFEST})')
+        if held: msg.append(', '.join(f'{n} holds {p}, an input of this run' for n, p in held.items()))
+        raise TrainError('; '.join(msg) + '. qlora_nb never writes over or deletes what it did not write, with or without --overwrite: '
+                         'move them out of the folder, or choose another output_dir. (Outputs of a qlora_nb version without the manifest '
+                         f'can be claimed with qlora_nb.train.record_outputs(output_dir, name, ...).)')
     if overwrite:
-        if old and _is_main():
-            print(f'overwrite: deleting {", ".join(old)} in {out}')
-            for n in old: (discard_dir if (out/n).is_dir() else os.remove)(out/n)
+        if owned and _is_main():
+            others = [n for n in listing if n not in owned]
+            print(f'overwrite: removing {", ".join(owned)} (written by qlora_nb) in {out}' +
+                  (f'; leaving {", ".join(others)} (not written by qlora_nb)' if others else ''))
+            _remove(out, owned)
         return None
     if isinstance(r, (str, Path)) and not isinstance(r, bool):
         if probs := checkpoint_problems(r):
             raise TrainError(f'resume_from_checkpoint: cannot resume from {r}: ' + '; '.join(probs) +
-                             f'. Point it at a complete checkpoint-N folder, or set resume_from_checkpoint: true for the newest complete one in {out}')
+                             f'. Point it at a complete checkpoint-N folder, or set resume_from_checkpoint: true for the newest sound one in {out}')
         print(f'Resuming from {r}'); return Path(r)
     if r and (last := find_last_checkpoint(out)):
         print(f'Resuming from {last} (the newest complete checkpoint in {out})'); return last
-    if old:
-        why = 'resume_from_checkpoint is false' if not r else 'it has no complete checkpoint to resume from'
-        raise TrainError(f'{out} already holds {", ".join(old)} from an earlier run and {why}: pass --overwrite (train(..., overwrite=True)) '
+    ckpts, done = [n for n in owned if checkpoint_step(n) is not None], [n for n in owned if n in _FINISHED]
+    if ckpts or done or (owned and not r):
+        why = ('resume_from_checkpoint is false' if not r else
+               'none of its checkpoints is sound (see the warnings above)' if ckpts else 'it has no complete checkpoint to resume from')
+        raise TrainError(f'{out} already holds {", ".join(owned)} from an earlier run and {why}: pass --overwrite (train(..., overwrite=True)) '
                          'to delete them and start again' + ('' if r else ', or set resume_from_checkpoint: true to continue from the newest checkpoint'))
-    if r: print(f'No checkpoint in {out}: starting fresh')
+    if owned:
+        if _is_main():
+            print(f'{out}: starting fresh; removing {", ".join(owned)}, left by a run that stopped before its first checkpoint')
+            _remove(out, owned)
+    elif r: print(f'No checkpoint in {out}: starting fresh')
     return None
+
+# %% ../nbs/05_train.ipynb #39da4f49
+FINGERPRINT_ARGS = ('learning_rate', 'lr_scheduler_type', 'lr_scheduler_kwargs', 'warmup_steps', 'warmup_ratio', 'weight_decay', 'optim',
+                    'optim_args', 'adam_beta1', 'adam_beta2', 'adam_epsilon', 'max_grad_norm', 'per_device_train_batch_size',
+                    'gradient_accumulation_steps', 'seed', 'data_seed', 'bf16', 'fp16', 'group_by_length', 'dataloader_drop_last',
+                    'label_smoothing_factor', 'neftune_noise_alpha', 'average_tokens_across_devices')  # TrainingArguments that change the weights
+STOP_ARGS = ('max_steps', 'num_train_epochs')  # may change on resume: they say when to stop
+SHAPE_KEYS = ('lora_config.r', 'lora_config.target_modules', 'lora_config.use_dora', 'lora_config.bias', 'base_model.id',
+              'training_args.optim')  # a checkpoint cannot be loaded across these
+KEPT_FROM_CHECKPOINT = ('training_args.learning_rate', 'training_args.weight_decay', 'training_args.adam_beta1',
+                        'training_args.adam_beta2', 'training_args.adam_epsilon')  # restored with the optimizer and scheduler states
+_NOT_COMPARED = ('dataset.path', 'eval_dataset.path', 'data.eval_dataset_path', 'base_model.name_or_path', 'base_model.source',
+                 'base_model.sha256', 'base_model.revision', 'stop.')
+
+def _jsonable(x): return json.loads(json.dumps(x, default=str))
+
+def base_model_info(config: Config) -> dict:
+    "Where the base model comes from and what identifies it (`id`): file hashes of a local folder, or the Hub commit cached here."
+    name = str(config.model_name_or_path)
+    p = Path(name)
+    if p.is_dir():
+        files = ['config.json'] + [f for f in ('model.safetensors.index.json', 'pytorch_model.bin.index.json') if (p/f).is_file()]
+        if len(files) == 1: files += sorted(f.name for f in p.glob('*.safetensors'))  # one weight file and no index: hash the weights
+        sha = {f: sha256_file(p/f) for f in files if (p/f).is_file()}
+        return {'name_or_path': str(p.resolve()), 'source': 'local', 'sha256': sha,
+                'id': hashlib.sha256(json.dumps(sha, sort_keys=True).encode()).hexdigest()}
+    info = {'name_or_path': name, 'source': 'hub', 'revision': None, 'id': name}
+    try:
+        from huggingface_hub import try_to_load_from_cache
+        f = try_to_load_from_cache(name, 'config.json')
+        if isinstance(f, str): info.update(revision=Path(f).parent.name, id=f'{name}@{Path(f).parent.name}')
+    except Exception: pass  # no cache, or an odd one: the id alone
+    return info
+
+def _template_sha(tokenizer) -> str | None:
+    tpl = getattr(tokenizer, 'chat_template', None)
+    return hashlib.sha256(tpl.encode()).hexdigest() if isinstance(tpl, str) else None
+
+def run_fingerprint(config: Config, tokenizer, args: TrainingArguments, base_model: dict | None = None) -> dict:
+    "What decides the weights a checkpoint holds: data and template hashes, base model, LoRA, data and optimisation settings."
+    ta, cd, ev = args.to_dict(), config.to_dict(), config.data.eval_dataset_path
+    return _jsonable({'dataset': {'path': str(config.dataset_path), 'sha256': sha256_file(config.dataset_path)},
+                      'eval_dataset': {'path': str(ev), 'sha256': sha256_file(ev)} if ev else None,
+                      'chat_template_sha256': _template_sha(tokenizer), 'base_model': base_model or base_model_info(config),
+                      'quantization_config': cd['quantization_config'], 'lora_config': cd['lora_config'], 'data': cd['data'],
+                      'training_args': {k: ta[k] for k in FINGERPRINT_ARGS if k in ta}, 'world_size': args.world_size,
+                      'stop': {k: ta.get(k) for k in STOP_ARGS}})
+
+def _flat(d, prefix='') -> dict:
+    if not isinstance(d, dict): return {prefix.rstrip('.'): d}
+    return {k: v for key, val in d.items() for k, v in _flat(val, f'{prefix}{key}.').items()} or {prefix.rstrip('.'): {}}
+
+def fingerprint_changes(old: dict, new: dict) -> list[tuple]:
+    "(key, old value, new value) for each setting that differs between two fingerprints (not where files live, not when to stop)."
+    a, b = _flat(old), _flat(new)
+    return [(k, a.get(k), b.get(k)) for k in sorted(a.keys() | b.keys(), key=_natural)
+            if a.get(k) != b.get(k) and not k.startswith(_NOT_COMPARED)]
+
+# %% ../nbs/05_train.ipynb #cf17ba8b
+def _show(key, value, fp) -> str:
+    if key in ('dataset.sha256', 'eval_dataset.sha256') and value:
+        return f"{(fp.get(key.split('.')[0]) or {}).get('path')} (sha256 {value[:12]})"
+    return repr(value)
+
+def check_resume(resume, fingerprint: dict, allow_config_change: bool = False) -> list[dict]:
+    "Compare the settings checkpoint `resume` was trained with against `fingerprint`; refuse a difference unless allowed; return those allowed."
+    resume = Path(resume)
+    try: old = json.loads((resume/RUN_INFO).read_text())['fingerprint']
+    except FileNotFoundError:
+        print(f'note: {resume} has no {RUN_INFO} (another tool or an older qlora_nb wrote it): its settings cannot be compared with this run\'s',
+              file=sys.stderr)
+        return []
+    except (OSError, ValueError, KeyError, TypeError) as e: raise TrainError(f'{resume/RUN_INFO}: unreadable ({e})') from None
+    changes = fingerprint_changes(old, fingerprint)
+    if not changes: return []
+    lines = '\n'.join(f'  {k}: {_show(k, a, old)} -> {_show(k, b, fingerprint)}' for k, a, b in changes)
+    if shape := [k for k, *_ in changes if k.startswith(SHAPE_KEYS)]:
+        raise TrainError(f'cannot resume from {resume}: {", ".join(shape)} changed, and a checkpoint cannot be loaded into another adapter shape '
+                         f'or optimizer, even with allow_config_change. Changes:\n{lines}\n'
+                         'Undo the change, or start again with --overwrite or in another output_dir')
+    if not allow_config_change:
+        raise TrainError(f'cannot resume from {resume}: it was trained with other settings than this run:\n{lines}\n'
+                         'Resuming would mix the two runs (and the checkpoint\'s learning rate and optimizer settings would stay in force). '
+                         'Undo the change; or start again with --overwrite or in another output_dir; or, to continue anyway, '
+                         'pass train(..., allow_config_change=True)')
+    print(f'warning: resuming from {resume} with changed settings:\n{lines}\n'
+          f'  ({", ".join(k for k in KEPT_FROM_CHECKPOINT if any(c[0] == k for c in changes)) or "none"} of these keep the checkpoint\'s value: '
+          'the optimizer and scheduler states are restored from it; the others apply from the next step)', file=sys.stderr)
+    return [{'key': k, 'checkpoint': a, 'now': b, 'applied': k not in KEPT_FROM_CHECKPOINT} for k, a, b in changes]
 
 # %% ../nbs/05_train.ipynb #35874b9f
 def _has_tensorboard():
@@ -182,6 +536,10 @@ def _has_tensorboard():
 def training_arguments(config: Config, has_eval: bool = True, compute_dtype: torch.dtype | None = None) -> TrainingArguments:
     "`TrainingArguments` from `config.training_args` plus this pipeline's settings."
     ta = dict(config.training_args)
+    known = {f.name for f in dataclasses.fields(TrainingArguments)}
+    gc = 'activation_checkpointing' if 'activation_checkpointing' in known else 'gradient_checkpointing'
+    for old in ('gradient_checkpointing', 'gradient_checkpointing_kwargs'):
+        if old in ta and gc != 'gradient_checkpointing': ta.setdefault(old.replace('gradient', 'activation'), ta.pop(old))
     ta.setdefault('seed', 42)
     ta.setdefault('report_to', 'tensorboard' if _has_tensorboard() else 'none')
     if has_eval:
@@ -190,9 +548,10 @@ def training_arguments(config: Config, has_eval: bool = True, compute_dtype: tor
     elif ta.get('eval_strategy', 'no') != 'no':
         _log.warning('no eval split (data.eval_ratio is 0 and no data.eval_dataset_path): eval_strategy set to no')
         ta['eval_strategy'] = 'no'
-    if ta.get('gradient_checkpointing'): ta.setdefault('gradient_checkpointing_kwargs', {'use_reentrant': False})
+    if ta.get(gc): ta.setdefault(f'{gc}_kwargs', {'use_reentrant': False})
     ta.setdefault('include_num_input_tokens_seen', 'non_padding')
     ta.setdefault('dataloader_pin_memory', torch.cuda.is_available())
+    ta.setdefault('logging_nan_inf_filter', False)
     if torch.cuda.is_available() and not ta.get('bf16') and not ta.get('fp16') and not ta.get('use_cpu'):
         if compute_dtype == torch.bfloat16: ta['bf16'] = True
         elif compute_dtype == torch.float16: ta['fp16'] = True
@@ -268,12 +627,68 @@ def oom_advice(args: TrainingArguments, max_length: int) -> str:
             f'data.max_length: {max_length}, gradient_checkpointing: {str(gc_on).lower()}\n  GPU: {gpu}\n'
             'Try, in this order (as overrides: qlora_nb_train config.yaml key=value ...):\n' + '\n'.join(f'  - {t}' for t in tips))
 
+# %% ../nbs/05_train.ipynb #ef5ec5c8
+def diverged(output_dir, step: int, what: str) -> str:
+    "The message for training that went non-finite at `step`: what happened, the last good checkpoint, what to do."
+    last = find_last_checkpoint(output_dir)
+    where = f'the last good checkpoint is {last} (step {checkpoint_step(last)})' if last else 'no checkpoint had been saved yet'
+    return (f'training diverged at step {step}: {what}. Nothing of step {step} was saved; {where}. Lower training_args.learning_rate '
+            '(or raise warmup_steps, keep max_grad_norm > 0) and start again with --overwrite')
+
+def _trainable(model) -> list[torch.Tensor]: return [p for p in model.parameters() if p.requires_grad]
+
+def _norm(ts) -> float:
+    ts = [t.detach().float() for t in ts if t is not None]
+    if not ts: return 0.0
+    return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(t).to(ts[0].device) for t in ts])).item()
+
+class NonFiniteGuard(TrainerCallback):
+    "Stop training with a `TrainError` when the gradient norm or the trained weights stop being finite."
+    def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+        if args.fp16 or model is None: return
+        if not math.isfinite(g := _norm(p.grad for p in _trainable(model))):
+            raise TrainError(diverged(args.output_dir, state.global_step + 1, f'the gradient norm is {g}'))
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        if model is None: return
+        if bad := [n for n, p in model.named_parameters() if p.requires_grad and not torch.isfinite(p).all()]:
+            raise TrainError(diverged(args.output_dir, state.global_step, f'{len(bad)} trained tensors hold NaN or inf after the update ({bad[0]}, ...)'))
+
+# %% ../nbs/05_train.ipynb #0c2f82e3
+def nonfinite_tensors(folder) -> list[str]:
+    "The names of the tensors in `folder`'s `*.safetensors` files that hold NaN or ±inf."
+    from safetensors import safe_open
+    bad = []
+    for f in sorted(Path(folder).glob('*.safetensors')):
+        with safe_open(str(f), 'pt') as sf: bad += [k for k in sf.keys() if not torch.isfinite(sf.get_tensor(k)).all()]
+    return bad
+
+# %% ../nbs/05_train.ipynb #78e41477
+def align_config_tokens(model, tokenizer):
+    "Give `model.config` the tokenizer's pad and bos ids and the generation config's eos ids, so the `Trainer` finds nothing to realign."
+    cfg, gen = model.config.get_text_config(), getattr(model, 'generation_config', None)
+    eos = getattr(gen, 'eos_token_id', None)
+    eos = eos if isinstance(eos, list) else [e for e in (eos, tokenizer.eos_token_id) if e is not None]
+    if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in eos: eos = [tokenizer.eos_token_id, *eos]
+    if eos: cfg.eos_token_id = eos if len(eos) > 1 else eos[0]
+    if gen is not None and eos: gen.eos_token_id = eos
+    for name in ('pad_token_id', 'bos_token_id'):
+        if (v := getattr(tokenizer, name)) is not None:
+            setattr(cfg, name, v)
+            if gen is not None: setattr(gen, name, v)
+    return model
+
+class QuietEvalProgress(ProgressCallback):
+    "transformers' progress bars, with the evaluation bar only when stderr is a terminal (in a log its redraws leave `[A` fragments)."
+    def on_prediction_step(self, args, state, control, eval_dataloader=None, **kwargs):
+        if sys.stderr.isatty(): super().on_prediction_step(args, state, control, eval_dataloader=eval_dataloader, **kwargs)
+
 # %% ../nbs/05_train.ipynb #396c28e1
-LIBRARIES = ('torch', 'transformers', 'peft', 'bitsandbytes', 'accelerate', 'qlora_nb')
+LIBRARIES = ('torch', 'transformers', 'peft', 'bitsandbytes', 'accelerate', 'datasets', 'tokenizers', 'safetensors', 'numpy', 'qlora_nb')
 
 def library_versions() -> dict:
-    "Installed versions of the libraries a run depends on."
-    out = {}
+    "Installed versions of Python and of the libraries a run depends on."
+    out = {'python': platform.python_version()}
     for name in LIBRARIES:
         try: out[name] = metadata.version(name)
         except metadata.PackageNotFoundError:
@@ -281,21 +696,38 @@ def library_versions() -> dict:
             except ImportError: out[name] = None
     return out
 
-def sha256_file(path) -> str:
-    "The sha256 hex digest of a file's bytes."
-    h = hashlib.sha256()
-    with open(path, 'rb') as f:
-        for block in iter(lambda: f.read(1 << 20), b''): h.update(block)
-    return h.hexdigest()
+def source_commit() -> dict | None:
+    "The git commit of the qlora_nb source in use, when it runs from a git checkout; `dirty` if its code has uncommitted changes."
+    import qlora_nb
+    root = Path(qlora_nb.__file__).resolve().parent.parent
+    if not (root/'.git').exists(): return None
+    def git(*a): return subprocess.run(['git', '-C', str(root), *a], capture_output=True, text=True, timeout=20)
+    try:
+        head, st = git('rev-parse', 'HEAD'), git('status', '--porcelain', '--untracked-files=no', '--', 'qlora_nb', 'nbs')
+    except (OSError, subprocess.SubprocessError): return None
+    return {'commit': head.stdout.strip(), 'dirty': bool(st.stdout.strip())} if head.returncode == 0 else None
 
-def run_manifest(config: Config, tokenizer, metrics: dict | None = None, merge_check: dict | None = None) -> dict:
-    "The resolved config, library versions, data and chat-template hashes, metrics and merge check of a run."
+def report_dict(rep) -> dict:
+    "An `EncodeReport` as JSON: counts, and the first 20 records cut or dropped."
+    return _jsonable({'records': rep.n_records, 'examples': rep.n_examples, 'max_length': rep.max_length, 'truncation': rep.truncation,
+                      'cut': len(rep.cut), 'dropped': len(rep.dropped), 'turns_lost': rep.turns_lost, 'cut_records': rep.cut[:20],
+                      'dropped_records': [f'{w}: {r}' for w, r in rep.dropped[:20]], 'audit': rep.audit})
+
+def run_manifest(config: Config, tokenizer, metrics: dict | None = None, merge_check: dict | None = None, *,
+                 args: TrainingArguments | None = None, reports: dict | None = None, base_model: dict | None = None,
+                 global_step: int | None = None, resumed_from=None, config_changes: list | None = None, adapter_dir=None) -> dict:
+    "How a run was made: config, effective TrainingArguments, base model, versions, source, data hashes, encoding, resume, metrics, merge check."
     ev = config.data.eval_dataset_path
-    tpl = getattr(tokenizer, 'chat_template', None)
-    return {'config': config.to_dict(), 'versions': library_versions(),
+    base = dict(base_model or base_model_info(config))
+    if adapter_dir is not None and base.get('source') == 'local':
+        base['relative_to_adapter'] = os.path.relpath(base['name_or_path'], Path(adapter_dir).resolve())
+    return {'config': config.to_dict(), 'training_arguments': _jsonable(args.to_dict()) if args is not None else None,
+            'base_model': base, 'versions': library_versions(), 'source': source_commit(),
             'dataset': {'path': str(config.dataset_path), 'sha256': sha256_file(config.dataset_path),
                         'eval_path': str(ev) if ev else None, 'eval_sha256': sha256_file(ev) if ev else None},
-            'chat_template_sha256': hashlib.sha256(tpl.encode()).hexdigest() if isinstance(tpl, str) else None,
+            'chat_template_sha256': _template_sha(tokenizer),
+            'examples': {k: report_dict(r) for k, r in reports.items() if r is not None} if reports else None,
+            'global_step': global_step, 'resumed_from': str(resumed_from) if resumed_from else None, 'config_changes': config_changes or None,
             'metrics': metrics, 'merge_check': merge_check, 'created': time.strftime('%Y-%m-%dT%H:%M:%S%z')}
 
 # %% ../nbs/05_train.ipynb #994de73b
@@ -322,6 +754,23 @@ class TrainResult:
     metrics: dict  # train_loss, first_loss, last_loss, eval_loss, steps, epochs, tokens, train_runtime, runtime (s)
     resumed_from: Path | None = None  # the checkpoint this run continued from
     examples: dict | None = None  # the encode reports of the train and eval splits
+    steps_trained: int | None = None  # optimizer steps this call trained; 0 when the run was already finished
+
+DROP_WARN = 0.05  # warn when encoding drops more than this share of a split's records
+
+def report_examples(reports: dict) -> list[str]:
+    "Print what encoding did to each split; warn on stderr, and return the warnings, for a split that lost more than `DROP_WARN`."
+    warns = []
+    for split, rep in reports.items():
+        if rep is None or not rep.n_records: continue
+        print(f'examples       {split}: {rep}')
+        if len(rep.dropped) > DROP_WARN * rep.n_records:
+            other = [t for t in TRUNCATION if t != rep.truncation]
+            warns.append(f'WARNING: {len(rep.dropped)} of {rep.n_records} {split} records ({len(rep.dropped) / rep.n_records:.0%}) are not used: '
+                         f'no assistant turn of theirs fits in data.max_length={rep.max_length}. Raise data.max_length, shorten those records'
+                         + (f', or see data.truncation ({", ".join(other)})' if other else '') + '; qlora_nb_validate lists them')
+            print(warns[-1], file=sys.stderr)
+    return warns
 
 @contextlib.contextmanager
 def _verbosity(verbose: bool):
@@ -348,50 +797,102 @@ def _interrupted(config: Config, step: int) -> str:
     return (f'Training interrupted (Ctrl-C) at step {step}. The newest complete checkpoint is {last} (step {checkpoint_step(last)}): '
             f'{again} (the steps after it are trained again, with the same data and random numbers).')
 
+def _final_step(resume: Path, fingerprint: dict) -> int | None:
+    "The step of checkpoint `resume` if it is the last step of a run that stops where this one does; None if unknown."
+    try: state, old = json.loads((resume/'trainer_state.json').read_text()), json.loads((resume/RUN_INFO).read_text())['fingerprint']
+    except (OSError, ValueError, KeyError, TypeError): return None
+    if (old.get('stop'), old.get('world_size')) != (fingerprint['stop'], fingerprint['world_size']): return None
+    return state['global_step'] if state['global_step'] >= state.get('max_steps', float('inf')) else None
+
+def _published_step(out: Path) -> int | None:
+    "The step `out/lora_adapter` was written at, if qlora_nb wrote it."
+    if 'lora_adapter' not in owned_outputs(out) or not (out/'lora_adapter'/'adapter_config.json').is_file(): return None
+    try: return json.loads((out/'lora_adapter'/'training_config.json').read_text()).get('global_step')
+    except (OSError, ValueError, AttributeError): return None
+
+def _load_checkpoint_weights(trainer: Trainer, ckpt: Path):
+    "Put the adapter weights and the trainer state of `ckpt` into `trainer`, without training."
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+    set_peft_model_state_dict(trainer.model, load_file(str(ckpt/'adapter_model.safetensors')))
+    trainer.state = TrainerState.load_from_json(str(ckpt/'trainer_state.json'))
+
+def _save_lora_only(model):
+    "Save `model`'s adapters without a copy of the base embedding/lm_head weights, which PEFT adds when lm_head is a target."
+    model.save_pretrained = functools.partial(type(model).save_pretrained, model, save_embedding_layers=False)
+    return model
+
 # %% ../nbs/05_train.ipynb #59a18b37
 def train(config: Config,  # from `load_config(path, overrides)`
-          overwrite: bool = False,  # delete old checkpoints and outputs in output_dir and start fresh
+          overwrite: bool = False,  # delete what qlora_nb wrote in output_dir before, and start fresh
           verbose: bool = False,  # debug logging (transformers and qlora_nb)
-          callbacks: list | None = None  # extra `TrainerCallback`s
+          callbacks: list | None = None,  # extra `TrainerCallback`s
+          allow_config_change: bool = False  # resume even if the checkpoint was trained with other settings (see check_resume)
          ) -> TrainResult:
     "Fine-tune with QLoRA as `config` says; write checkpoints, `lora_adapter/`, `metrics.jsonl` and `loss_curve.png`."
     if not isinstance(config, Config): raise TypeError(f'train: expected a Config (qlora_nb.config.load_config(path)), got {type(config).__name__}')
     t0, out = time.time(), Path(config.output_dir)
-    with _verbosity(verbose):
+    with _verbosity(verbose), output_lock(out, 'train'):
+        if _is_main() and (gone := clean_leftovers(out)): print(f'{out}: removed {", ".join(gone)}, left by an interrupted command')
         resume = resolve_resume(config, overwrite)
-        out.mkdir(parents=True, exist_ok=True)
-        if _is_main(): shutil.rmtree(out/STAGING, ignore_errors=True)  # a save a killed run did not finish
-        seed = config.training_args.get('seed', 42)
-        transformers.set_seed(seed)
-        tokenizer, model = load_tokenizer(config), load_model(config)
-        transformers.set_seed(seed)  # the adapter's initial weights depend on the seed alone
-        model = add_lora(model, config, seed=seed)
+        tokenizer = load_tokenizer(config)
         (train_ex, train_rep), (eval_ex, eval_rep) = examples(config, tokenizer), examples(config, tokenizer, 'eval')
-        _log.info('examples: train %s; eval %s', train_rep, eval_rep)
-        args = training_arguments(config, has_eval=bool(eval_ex), compute_dtype=model_compute_dtype(model))
+        reports = {'train': train_rep, 'eval': eval_rep}
+        if _is_main(): report_examples(reports)
+        args = training_arguments(config, has_eval=bool(eval_ex), compute_dtype=compute_dtype(config.quantization_config))
         _log.debug('training arguments: %s', args)
+        base = base_model_info(config)
+        fp = run_fingerprint(config, tokenizer, args, base)
+        changes = check_resume(resume, fp, allow_config_change) if resume else []
+        if resume and (step := _final_step(resume, fp)) is not None and _published_step(out) == step:
+            print(f'{out}: this run is finished ({resume.name} is its last step) and lora_adapter/ holds that step: nothing to train. '
+                  'Raise training_args.max_steps (or num_train_epochs) to train further, or pass --overwrite to start again')
+            metrics = {**summarize_metrics(read_metrics(out/METRICS)), 'runtime': time.time() - t0}
+            return TrainResult(out, out/'lora_adapter' if _is_main() else None, list_checkpoints(out), metrics, resume, reports, 0)
+        transformers.set_seed(args.seed)
+        model = load_model(config, tokenizer)
+        transformers.set_seed(args.seed)  # the adapter's initial weights depend on the seed alone
+        model = _save_lora_only(align_config_tokens(add_lora(model, config, seed=args.seed), tokenizer))
+        if _is_main(): record_outputs(out, METRICS, *(['runs'] if 'tensorboard' in args.report_to else []))
         trainer = QLoRATrainer(model=model, args=args, train_dataset=train_ex, eval_dataset=eval_ex or None,
                                data_collator=PadCollator(tokenizer.pad_token_id), processing_class=tokenizer,
-                               callbacks=[MetricsLogger(out/METRICS), *(callbacks or [])])
-        try: trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+                               callbacks=[MetricsLogger(out/METRICS), NonFiniteGuard(), *(callbacks or [])])
+        if trainer.pop_callback(ProgressCallback) is not None: trainer.add_callback(QuietEvalProgress)
+        trainer.run_info = {'fingerprint': fp, 'config': config.to_dict(), 'resumed_from': str(resume) if resume else None,
+                            'config_changes': changes or None}
+        start = json.loads((resume/'trainer_state.json').read_text())['global_step'] if resume else 0
+        last = trainer.set_initial_training_values(args, trainer.get_train_dataloader())[-1]
+        try:
+            if start >= last:
+                print(f'{resume} is at step {start} and this run stops at step {last}: nothing to train; lora_adapter/ is written from it')
+                _load_checkpoint_weights(trainer, resume)
+            else: trainer.train(resume_from_checkpoint=str(resume) if resume else None)
         except KeyboardInterrupt: raise TrainInterrupted(_interrupted(config, trainer.state.global_step)) from None
         except Exception as e:
             if _is_oom(e): raise TrainError(oom_advice(args, config.data.max_length)) from e
             raise
         finally:
-            if _is_main(): shutil.rmtree(out/STAGING, ignore_errors=True)
+            if _is_main(): shutil.rmtree(out/(trainer._staging_name or f'{STAGING}-{os.getpid()}'), ignore_errors=True)
         if eval_ex and args.eval_strategy != 'no' and not any('eval_loss' in r and r['step'] == trainer.state.global_step for r in read_metrics(out/METRICS)):
             trainer.evaluate()
-        trainer.save_model(str(out/STAGING/'lora_adapter'))  # the adapter (PEFT, safetensors) and the tokenizer
-        reports = {'train': train_rep, 'eval': eval_rep}
-        if not trainer.is_world_process_zero(): return TrainResult(out, None, [], {}, resume, reports)
-        rows = read_metrics(out/METRICS)
-        metrics = summarize_metrics(rows)
-        (out/STAGING/'lora_adapter'/'training_args.bin').unlink(missing_ok=True)
-        (out/STAGING/'lora_adapter'/'training_config.json').write_text(json.dumps(run_manifest(config, tokenizer, metrics), indent=2, ensure_ascii=False))
-        adapter_dir = publish_dir(out/STAGING/'lora_adapter', out/'lora_adapter')
-        shutil.rmtree(out/STAGING, ignore_errors=True)
+        staging = trainer.staging_dir(out)
+        trainer.save_model(str(staging/'lora_adapter'))  # the adapter (PEFT, safetensors) and the tokenizer
+        steps = trainer.state.global_step - start if start < last else 0
+        if not trainer.is_world_process_zero(): return TrainResult(out, None, [], {}, resume, reports, steps)
+        try:
+            if bad := nonfinite_tensors(staging/'lora_adapter'):
+                raise TrainError(f'lora_adapter/ not written: {len(bad)} of its tensors hold NaN or inf ({bad[0]}, ...); '
+                                 f'lower training_args.learning_rate and start again with --overwrite')
+            rows = read_metrics(out/METRICS)
+            metrics = summarize_metrics(rows)
+            (staging/'lora_adapter'/'training_args.bin').unlink(missing_ok=True)  # a pickle; training_config.json has the arguments
+            man = run_manifest(config, tokenizer, metrics, args=args, reports=reports, base_model=base, global_step=trainer.state.global_step,
+                               resumed_from=resume, config_changes=changes, adapter_dir=out/'lora_adapter')
+            (staging/'lora_adapter'/'training_config.json').write_text(json.dumps(man, indent=2, ensure_ascii=False))
+            record_outputs(out, 'lora_adapter', 'loss_curve.png')
+            adapter_dir = publish_dir(staging/'lora_adapter', out/'lora_adapter')
+        finally: shutil.rmtree(staging, ignore_errors=True)
         plot_loss_curve(rows, out/'loss_curve.png')
         del trainer, model; free_memory()
         metrics['runtime'] = time.time() - t0
-        return TrainResult(out, adapter_dir, list_checkpoints(out), metrics, resume, reports)
+        return TrainResult(out, adapter_dir, list_checkpoints(out), metrics, resume, reports, steps)
