@@ -4,7 +4,7 @@
 
 # %% ../nbs/05_train.ipynb #27898a28
 from __future__ import annotations
-import contextlib, dataclasses, functools, hashlib, json, logging, math, os, platform, re, shutil, socket, subprocess, sys, time
+import contextlib, dataclasses, hashlib, json, logging, math, os, platform, re, shutil, socket, subprocess, sys, time
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
@@ -36,7 +36,7 @@ __all__ = ['EXIT_LOCKED', 'LOCK', 'OUTPUT_MANIFEST', 'STAGING', 'TRASH', 'CHECKS
            'run_manifest', 'summarize_metrics', 'TrainResult', 'report_examples', 'model_compute_dtype', 'train']
 
 # %% ../nbs/05_train.ipynb #4d658fbe
-EXIT_LOCKED = 4  # exit status of a command refused because another process holds the output folder's lock
+EXIT_LOCKED = 5  # exit status of a command refused because another process holds the output folder's lock
 
 class TrainError(QloraError, RuntimeError):
     "Training or export stopped; the message says why and what to do."
@@ -50,7 +50,7 @@ class OutputLocked(QloraError, RuntimeError):
     "Another process is writing to the output folder (train, merge or eval); the message names it. Nothing was changed."
     exit_code = EXIT_LOCKED
 
-# %% ../nbs/05_train.ipynb #51cd005c
+# %% ../nbs/05_train.ipynb #ccfb7a8a
 LOCK = '.qlora_nb.lock'  # in output_dir while a qlora_nb command writes there
 _held: dict[str, list] = {}  # lock file -> [fd, depth] for the locks this process holds
 
@@ -142,7 +142,7 @@ def output_lock(output_dir, what: str):
             with contextlib.suppress(OSError): path.unlink()  # remove the file while still holding the lock, then let go
             os.close(fd)
 
-# %% ../nbs/05_train.ipynb #91b65e32
+# %% ../nbs/05_train.ipynb #af762d61
 OUTPUT_MANIFEST = '.qlora_nb.json'  # in output_dir: the top-level names qlora_nb wrote there
 
 def _natural(name: str) -> list:
@@ -260,7 +260,7 @@ def find_last_checkpoint(output_dir) -> Path | None:
     "The newest complete and intact `checkpoint-N` folder in `output_dir`, or None; warns about each one skipped."
     for p in reversed(list_checkpoints(output_dir)):
         if not (probs := checkpoint_problems(p)): return p
-        print(f'warning: skipping {p}: ' + '; '.join(probs), file=sys.stderr)
+        print(f'warning: skipping {p}: ' + '; '.join(x.removeprefix(f'{p}: ') for x in probs), file=sys.stderr)
     return None
 
 # %% ../nbs/05_train.ipynb #643d1a60
@@ -314,7 +314,7 @@ def rotate_checkpoints(output_dir, save_total_limit: int | None, keep=()) -> lis
     forget_outputs(output_dir, *(c.name for c in gone))
     return gone
 
-# %% ../nbs/05_train.ipynb #2d876ca3
+# %% ../nbs/05_train.ipynb #6ffc0b07
 _LEFTOVER = re.compile(rf'(?:{re.escape(STAGING)}|{re.escape(TRASH)})-.+'
                        rf'|\.trash-(?:{PREFIX_CHECKPOINT_DIR}-\d+|lora_adapter|final_model|metrics\.jsonl|loss_curve\.png)-\d+-\d+')
 
@@ -438,7 +438,7 @@ def resolve_resume(config: Config, overwrite: bool = False) -> Path | None:
     elif r: print(f'No checkpoint in {out}: starting fresh')
     return None
 
-# %% ../nbs/05_train.ipynb #39da4f49
+# %% ../nbs/05_train.ipynb #93dfaaa1
 FINGERPRINT_ARGS = ('learning_rate', 'lr_scheduler_type', 'lr_scheduler_kwargs', 'warmup_steps', 'warmup_ratio', 'weight_decay', 'optim',
                     'optim_args', 'adam_beta1', 'adam_beta2', 'adam_epsilon', 'max_grad_norm', 'per_device_train_batch_size',
                     'gradient_accumulation_steps', 'seed', 'data_seed', 'bf16', 'fp16', 'group_by_length', 'dataloader_drop_last',
@@ -495,7 +495,7 @@ def fingerprint_changes(old: dict, new: dict) -> list[tuple]:
     return [(k, a.get(k), b.get(k)) for k in sorted(a.keys() | b.keys(), key=_natural)
             if a.get(k) != b.get(k) and not k.startswith(_NOT_COMPARED)]
 
-# %% ../nbs/05_train.ipynb #cf17ba8b
+# %% ../nbs/05_train.ipynb #08c04568
 def _show(key, value, fp) -> str:
     if key in ('dataset.sha256', 'eval_dataset.sha256') and value:
         return f"{(fp.get(key.split('.')[0]) or {}).get('path')} (sha256 {value[:12]})"
@@ -522,9 +522,10 @@ def check_resume(resume, fingerprint: dict, allow_config_change: bool = False) -
                          'Resuming would mix the two runs (and the checkpoint\'s learning rate and optimizer settings would stay in force). '
                          'Undo the change; or start again with --overwrite or in another output_dir; or, to continue anyway, '
                          'pass train(..., allow_config_change=True)')
-    print(f'warning: resuming from {resume} with changed settings:\n{lines}\n'
-          f'  ({", ".join(k for k in KEPT_FROM_CHECKPOINT if any(c[0] == k for c in changes)) or "none"} of these keep the checkpoint\'s value: '
-          'the optimizer and scheduler states are restored from it; the others apply from the next step)', file=sys.stderr)
+    kept = [k for k, *_ in changes if k in KEPT_FROM_CHECKPOINT]
+    print(f'warning: resuming from {resume} with changed settings:\n{lines}\n' +
+          (f'  {", ".join(kept)} keep the checkpoint\'s value (its optimizer and scheduler states are restored); ' if kept else '  ') +
+          'the other changes apply from the next step', file=sys.stderr)
     return [{'key': k, 'checkpoint': a, 'now': b, 'applied': k not in KEPT_FROM_CHECKPOINT} for k, a, b in changes]
 
 # %% ../nbs/05_train.ipynb #35874b9f
@@ -627,7 +628,7 @@ def oom_advice(args: TrainingArguments, max_length: int) -> str:
             f'data.max_length: {max_length}, gradient_checkpointing: {str(gc_on).lower()}\n  GPU: {gpu}\n'
             'Try, in this order (as overrides: qlora_nb_train config.yaml key=value ...):\n' + '\n'.join(f'  - {t}' for t in tips))
 
-# %% ../nbs/05_train.ipynb #ef5ec5c8
+# %% ../nbs/05_train.ipynb #65cfe12f
 def diverged(output_dir, step: int, what: str) -> str:
     "The message for training that went non-finite at `step`: what happened, the last good checkpoint, what to do."
     last = find_last_checkpoint(output_dir)
@@ -654,7 +655,7 @@ class NonFiniteGuard(TrainerCallback):
         if bad := [n for n, p in model.named_parameters() if p.requires_grad and not torch.isfinite(p).all()]:
             raise TrainError(diverged(args.output_dir, state.global_step, f'{len(bad)} trained tensors hold NaN or inf after the update ({bad[0]}, ...)'))
 
-# %% ../nbs/05_train.ipynb #0c2f82e3
+# %% ../nbs/05_train.ipynb #9219f910
 def nonfinite_tensors(folder) -> list[str]:
     "The names of the tensors in `folder`'s `*.safetensors` files that hold NaN or ±inf."
     from safetensors import safe_open
@@ -663,7 +664,7 @@ def nonfinite_tensors(folder) -> list[str]:
         with safe_open(str(f), 'pt') as sf: bad += [k for k in sf.keys() if not torch.isfinite(sf.get_tensor(k)).all()]
     return bad
 
-# %% ../nbs/05_train.ipynb #78e41477
+# %% ../nbs/05_train.ipynb #1a9277a9
 def align_config_tokens(model, tokenizer):
     "Give `model.config` the tokenizer's pad and bos ids and the generation config's eos ids, so the `Trainer` finds nothing to realign."
     cfg, gen = model.config.get_text_config(), getattr(model, 'generation_config', None)
@@ -801,7 +802,7 @@ def _final_step(resume: Path, fingerprint: dict) -> int | None:
     "The step of checkpoint `resume` if it is the last step of a run that stops where this one does; None if unknown."
     try: state, old = json.loads((resume/'trainer_state.json').read_text()), json.loads((resume/RUN_INFO).read_text())['fingerprint']
     except (OSError, ValueError, KeyError, TypeError): return None
-    if (old.get('stop'), old.get('world_size')) != (fingerprint['stop'], fingerprint['world_size']): return None
+    if (old.get('stop'), old.get('world_size')) != (fingerprint['stop'], fingerprint['world_size']): return None  # e.g. max_steps raised
     return state['global_step'] if state['global_step'] >= state.get('max_steps', float('inf')) else None
 
 def _published_step(out: Path) -> int | None:
@@ -816,11 +817,6 @@ def _load_checkpoint_weights(trainer: Trainer, ckpt: Path):
     from safetensors.torch import load_file
     set_peft_model_state_dict(trainer.model, load_file(str(ckpt/'adapter_model.safetensors')))
     trainer.state = TrainerState.load_from_json(str(ckpt/'trainer_state.json'))
-
-def _save_lora_only(model):
-    "Save `model`'s adapters without a copy of the base embedding/lm_head weights, which PEFT adds when lm_head is a target."
-    model.save_pretrained = functools.partial(type(model).save_pretrained, model, save_embedding_layers=False)
-    return model
 
 # %% ../nbs/05_train.ipynb #59a18b37
 def train(config: Config,  # from `load_config(path, overrides)`
@@ -844,7 +840,7 @@ def train(config: Config,  # from `load_config(path, overrides)`
         base = base_model_info(config)
         fp = run_fingerprint(config, tokenizer, args, base)
         changes = check_resume(resume, fp, allow_config_change) if resume else []
-        if resume and (step := _final_step(resume, fp)) is not None and _published_step(out) == step:
+        if resume and resume.parent.resolve() == out.resolve() and (step := _final_step(resume, fp)) is not None and _published_step(out) == step:
             print(f'{out}: this run is finished ({resume.name} is its last step) and lora_adapter/ holds that step: nothing to train. '
                   'Raise training_args.max_steps (or num_train_epochs) to train further, or pass --overwrite to start again')
             metrics = {**summarize_metrics(read_metrics(out/METRICS)), 'runtime': time.time() - t0}
@@ -852,7 +848,7 @@ def train(config: Config,  # from `load_config(path, overrides)`
         transformers.set_seed(args.seed)
         model = load_model(config, tokenizer)
         transformers.set_seed(args.seed)  # the adapter's initial weights depend on the seed alone
-        model = _save_lora_only(align_config_tokens(add_lora(model, config, seed=args.seed), tokenizer))
+        model = align_config_tokens(add_lora(model, config, seed=args.seed), tokenizer)
         if _is_main(): record_outputs(out, METRICS, *(['runs'] if 'tensorboard' in args.report_to else []))
         trainer = QLoRATrainer(model=model, args=args, train_dataset=train_ex, eval_dataset=eval_ex or None,
                                data_collator=PadCollator(tokenizer.pad_token_id), processing_class=tokenizer,
@@ -861,7 +857,7 @@ def train(config: Config,  # from `load_config(path, overrides)`
         trainer.run_info = {'fingerprint': fp, 'config': config.to_dict(), 'resumed_from': str(resume) if resume else None,
                             'config_changes': changes or None}
         start = json.loads((resume/'trainer_state.json').read_text())['global_step'] if resume else 0
-        last = trainer.set_initial_training_values(args, trainer.get_train_dataloader())[-1]
+        last = args.max_steps if args.max_steps > 0 else trainer.set_initial_training_values(args, trainer.get_train_dataloader())[-1]
         try:
             if start >= last:
                 print(f'{resume} is at step {start} and this run stops at step {last}: nothing to train; lora_adapter/ is written from it')
