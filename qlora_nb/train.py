@@ -24,10 +24,10 @@ except ImportError: fcntl = None  # Windows: an O_EXCL lock file instead of floc
 _log = logging.getLogger(__name__)
 
 # %% auto #0
-__all__ = ['EXIT_LOCKED', 'LOCK', 'OUTPUT_MANIFEST', 'STAGING', 'TRASH', 'CHECKSUMS', 'RUN_INFO', 'OUTPUTS', 'FINGERPRINT_ARGS',
-           'STOP_ARGS', 'SHAPE_KEYS', 'KEPT_FROM_CHECKPOINT', 'METRICS', 'LIBRARIES', 'DROP_WARN', 'TrainError',
-           'TrainInterrupted', 'OutputLocked', 'writable_dir', 'describe_holder', 'output_lock', 'record_outputs',
-           'forget_outputs', 'owned_outputs', 'checkpoint_step', 'sha256_file', 'write_checksums',
+__all__ = ['EXIT_LOCKED', 'LOCK', 'OUTPUT_MANIFEST', 'STAGING', 'TRASH', 'CHECKSUMS', 'RUN_INFO', 'OUTPUTS', 'TRAIN_OUTPUTS',
+           'FINGERPRINT_ARGS', 'STOP_ARGS', 'SHAPE_KEYS', 'KEPT_FROM_CHECKPOINT', 'METRICS', 'LIBRARIES', 'DROP_WARN',
+           'TrainError', 'TrainInterrupted', 'OutputLocked', 'writable_dir', 'describe_holder', 'output_lock',
+           'record_outputs', 'forget_outputs', 'owned_outputs', 'checkpoint_step', 'sha256_file', 'write_checksums',
            'checkpoint_problems', 'list_checkpoints', 'find_last_checkpoint', 'discard_dir', 'publish_dir',
            'rotate_checkpoints', 'clean_leftovers', 'QLoRATrainer', 'resolve_resume', 'base_model_info',
            'run_fingerprint', 'fingerprint_changes', 'check_resume', 'training_arguments', 'read_metrics',
@@ -50,7 +50,7 @@ class OutputLocked(QloraError, RuntimeError):
     "Another process is writing to the output folder (train, merge or eval); the message names it. Nothing was changed."
     exit_code = EXIT_LOCKED
 
-# %% ../nbs/05_train.ipynb #ccfb7a8a
+# %% ../nbs/05_train.ipynb #87f18d88
 LOCK = '.qlora_nb.lock'  # in output_dir while a qlora_nb command writes there
 _held: dict[str, list] = {}  # lock file -> [fd, depth] for the locks this process holds
 
@@ -142,7 +142,7 @@ def output_lock(output_dir, what: str):
             with contextlib.suppress(OSError): path.unlink()  # remove the file while still holding the lock, then let go
             os.close(fd)
 
-# %% ../nbs/05_train.ipynb #af762d61
+# %% ../nbs/05_train.ipynb #e302c9d6
 OUTPUT_MANIFEST = '.qlora_nb.json'  # in output_dir: the top-level names qlora_nb wrote there
 
 def _natural(name: str) -> list:
@@ -314,7 +314,7 @@ def rotate_checkpoints(output_dir, save_total_limit: int | None, keep=()) -> lis
     forget_outputs(output_dir, *(c.name for c in gone))
     return gone
 
-# %% ../nbs/05_train.ipynb #6ffc0b07
+# %% ../nbs/05_train.ipynb #16851433
 _LEFTOVER = re.compile(rf'(?:{re.escape(STAGING)}|{re.escape(TRASH)})-.+'
                        rf'|\.trash-(?:{PREFIX_CHECKPOINT_DIR}-\d+|lora_adapter|final_model|metrics\.jsonl|loss_curve\.png)-\d+-\d+')
 
@@ -376,6 +376,7 @@ class QLoRATrainer(Trainer):
 
 # %% ../nbs/05_train.ipynb #2e55e72e
 OUTPUTS = ('lora_adapter', 'final_model', 'metrics.jsonl', 'loss_curve.png', 'runs', 'eval')  # what qlora_nb writes, besides checkpoint-N
+TRAIN_OUTPUTS = ('lora_adapter', 'metrics.jsonl', 'loss_curve.png', 'runs')  # what training writes, besides checkpoint-N
 _FINISHED = ('lora_adapter', 'final_model', 'eval')  # outputs of a finished run: replaced only with --overwrite
 _INTERNAL = re.compile(rf'{re.escape(LOCK)}|{re.escape(OUTPUT_MANIFEST)}(?:\.tmp)?|(?:{re.escape(STAGING)}|{re.escape(TRASH)})-.+')
 
@@ -400,7 +401,7 @@ def resolve_resume(config: Config, overwrite: bool = False) -> Path | None:
     "The checkpoint to resume from (None: start fresh); removes qlora_nb's old outputs when `overwrite`; raises `TrainError` rather than overwrite."
     out, r = Path(config.output_dir), config.resume_from_checkpoint
     owned, listing, inputs = owned_outputs(out), _listing(out), _inputs(config)
-    named = [n for n in listing if n in OUTPUTS or checkpoint_step(n) is not None]
+    named = [n for n in listing if n in TRAIN_OUTPUTS or checkpoint_step(n) is not None]
     foreign = [n for n in named if n not in owned]
     held = {n: p for n in named if (p := _holds_input(out/n, inputs))}
     if foreign or held:
@@ -438,7 +439,7 @@ def resolve_resume(config: Config, overwrite: bool = False) -> Path | None:
     elif r: print(f'No checkpoint in {out}: starting fresh')
     return None
 
-# %% ../nbs/05_train.ipynb #93dfaaa1
+# %% ../nbs/05_train.ipynb #3661d09d
 FINGERPRINT_ARGS = ('learning_rate', 'lr_scheduler_type', 'lr_scheduler_kwargs', 'warmup_steps', 'warmup_ratio', 'weight_decay', 'optim',
                     'optim_args', 'adam_beta1', 'adam_beta2', 'adam_epsilon', 'max_grad_norm', 'per_device_train_batch_size',
                     'gradient_accumulation_steps', 'seed', 'data_seed', 'bf16', 'fp16', 'group_by_length', 'dataloader_drop_last',
@@ -495,7 +496,7 @@ def fingerprint_changes(old: dict, new: dict) -> list[tuple]:
     return [(k, a.get(k), b.get(k)) for k in sorted(a.keys() | b.keys(), key=_natural)
             if a.get(k) != b.get(k) and not k.startswith(_NOT_COMPARED)]
 
-# %% ../nbs/05_train.ipynb #08c04568
+# %% ../nbs/05_train.ipynb #8d3dbf0e
 def _show(key, value, fp) -> str:
     if key in ('dataset.sha256', 'eval_dataset.sha256') and value:
         return f"{(fp.get(key.split('.')[0]) or {}).get('path')} (sha256 {value[:12]})"
@@ -628,7 +629,7 @@ def oom_advice(args: TrainingArguments, max_length: int) -> str:
             f'data.max_length: {max_length}, gradient_checkpointing: {str(gc_on).lower()}\n  GPU: {gpu}\n'
             'Try, in this order (as overrides: qlora_nb_train config.yaml key=value ...):\n' + '\n'.join(f'  - {t}' for t in tips))
 
-# %% ../nbs/05_train.ipynb #65cfe12f
+# %% ../nbs/05_train.ipynb #8d222799
 def diverged(output_dir, step: int, what: str) -> str:
     "The message for training that went non-finite at `step`: what happened, the last good checkpoint, what to do."
     last = find_last_checkpoint(output_dir)
@@ -651,11 +652,14 @@ class NonFiniteGuard(TrainerCallback):
             raise TrainError(diverged(args.output_dir, state.global_step + 1, f'the gradient norm is {g}'))
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
-        if model is None: return
-        if bad := [n for n, p in model.named_parameters() if p.requires_grad and not torch.isfinite(p).all()]:
+        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad] if model is not None else []
+        if not named: return
+        ok = torch.stack([torch.isfinite(p.detach()).all().to(named[0][1].device) for _, p in named])  # one sync, not one per tensor
+        if not ok.all().item():
+            bad = [n for (n, _), f in zip(named, ok.tolist()) if not f]
             raise TrainError(diverged(args.output_dir, state.global_step, f'{len(bad)} trained tensors hold NaN or inf after the update ({bad[0]}, ...)'))
 
-# %% ../nbs/05_train.ipynb #9219f910
+# %% ../nbs/05_train.ipynb #f27c3468
 def nonfinite_tensors(folder) -> list[str]:
     "The names of the tensors in `folder`'s `*.safetensors` files that hold NaN or ±inf."
     from safetensors import safe_open
@@ -664,7 +668,7 @@ def nonfinite_tensors(folder) -> list[str]:
         with safe_open(str(f), 'pt') as sf: bad += [k for k in sf.keys() if not torch.isfinite(sf.get_tensor(k)).all()]
     return bad
 
-# %% ../nbs/05_train.ipynb #1a9277a9
+# %% ../nbs/05_train.ipynb #ed5995ea
 def align_config_tokens(model, tokenizer):
     "Give `model.config` the tokenizer's pad and bos ids and the generation config's eos ids, so the `Trainer` finds nothing to realign."
     cfg, gen = model.config.get_text_config(), getattr(model, 'generation_config', None)
