@@ -50,7 +50,7 @@ class OutputLocked(QloraError, RuntimeError):
     "Another process is writing to the output folder (train, merge or eval); the message names it. Nothing was changed."
     exit_code = EXIT_LOCKED
 
-# %% ../nbs/05_train.ipynb #87f18d88
+# %% ../nbs/05_train.ipynb #a9f08d72
 LOCK = '.qlora_nb.lock'  # in output_dir while a qlora_nb command writes there
 _held: dict[str, list] = {}  # lock file -> [fd, depth] for the locks this process holds
 
@@ -142,7 +142,7 @@ def output_lock(output_dir, what: str):
             with contextlib.suppress(OSError): path.unlink()  # remove the file while still holding the lock, then let go
             os.close(fd)
 
-# %% ../nbs/05_train.ipynb #e302c9d6
+# %% ../nbs/05_train.ipynb #3eee61d2
 OUTPUT_MANIFEST = '.qlora_nb.json'  # in output_dir: the top-level names qlora_nb wrote there
 
 def _natural(name: str) -> list:
@@ -314,7 +314,7 @@ def rotate_checkpoints(output_dir, save_total_limit: int | None, keep=()) -> lis
     forget_outputs(output_dir, *(c.name for c in gone))
     return gone
 
-# %% ../nbs/05_train.ipynb #16851433
+# %% ../nbs/05_train.ipynb #79a22a78
 _LEFTOVER = re.compile(rf'(?:{re.escape(STAGING)}|{re.escape(TRASH)})-.+'
                        rf'|\.trash-(?:{PREFIX_CHECKPOINT_DIR}-\d+|lora_adapter|final_model|metrics\.jsonl|loss_curve\.png)-\d+-\d+')
 
@@ -439,7 +439,7 @@ def resolve_resume(config: Config, overwrite: bool = False) -> Path | None:
     elif r: print(f'No checkpoint in {out}: starting fresh')
     return None
 
-# %% ../nbs/05_train.ipynb #3661d09d
+# %% ../nbs/05_train.ipynb #c08600c1
 FINGERPRINT_ARGS = ('learning_rate', 'lr_scheduler_type', 'lr_scheduler_kwargs', 'warmup_steps', 'warmup_ratio', 'weight_decay', 'optim',
                     'optim_args', 'adam_beta1', 'adam_beta2', 'adam_epsilon', 'max_grad_norm', 'per_device_train_batch_size',
                     'gradient_accumulation_steps', 'seed', 'data_seed', 'bf16', 'fp16', 'group_by_length', 'dataloader_drop_last',
@@ -496,7 +496,7 @@ def fingerprint_changes(old: dict, new: dict) -> list[tuple]:
     return [(k, a.get(k), b.get(k)) for k in sorted(a.keys() | b.keys(), key=_natural)
             if a.get(k) != b.get(k) and not k.startswith(_NOT_COMPARED)]
 
-# %% ../nbs/05_train.ipynb #8d3dbf0e
+# %% ../nbs/05_train.ipynb #3da2545d
 def _show(key, value, fp) -> str:
     if key in ('dataset.sha256', 'eval_dataset.sha256') and value:
         return f"{(fp.get(key.split('.')[0]) or {}).get('path')} (sha256 {value[:12]})"
@@ -629,7 +629,7 @@ def oom_advice(args: TrainingArguments, max_length: int) -> str:
             f'data.max_length: {max_length}, gradient_checkpointing: {str(gc_on).lower()}\n  GPU: {gpu}\n'
             'Try, in this order (as overrides: qlora_nb_train config.yaml key=value ...):\n' + '\n'.join(f'  - {t}' for t in tips))
 
-# %% ../nbs/05_train.ipynb #8d222799
+# %% ../nbs/05_train.ipynb #bcce5201
 def diverged(output_dir, step: int, what: str) -> str:
     "The message for training that went non-finite at `step`: what happened, the last good checkpoint, what to do."
     last = find_last_checkpoint(output_dir)
@@ -659,7 +659,7 @@ class NonFiniteGuard(TrainerCallback):
             bad = [n for (n, _), f in zip(named, ok.tolist()) if not f]
             raise TrainError(diverged(args.output_dir, state.global_step, f'{len(bad)} trained tensors hold NaN or inf after the update ({bad[0]}, ...)'))
 
-# %% ../nbs/05_train.ipynb #f27c3468
+# %% ../nbs/05_train.ipynb #df1e3a4e
 def nonfinite_tensors(folder) -> list[str]:
     "The names of the tensors in `folder`'s `*.safetensors` files that hold NaN or ±inf."
     from safetensors import safe_open
@@ -668,7 +668,7 @@ def nonfinite_tensors(folder) -> list[str]:
         with safe_open(str(f), 'pt') as sf: bad += [k for k in sf.keys() if not torch.isfinite(sf.get_tensor(k)).all()]
     return bad
 
-# %% ../nbs/05_train.ipynb #ed5995ea
+# %% ../nbs/05_train.ipynb #335f0d31
 def align_config_tokens(model, tokenizer):
     "Give `model.config` the tokenizer's pad and bos ids and the generation config's eos ids, so the `Trainer` finds nothing to realign."
     cfg, gen = model.config.get_text_config(), getattr(model, 'generation_config', None)
@@ -815,6 +815,13 @@ def _published_step(out: Path) -> int | None:
     try: return json.loads((out/'lora_adapter'/'training_config.json').read_text()).get('global_step')
     except (OSError, ValueError, AttributeError): return None
 
+def _check_not_past(resume: Path | None, step: int, last: int):
+    "Refuse to 'continue' from a checkpoint beyond the step this run stops at."
+    if resume is not None and step > last:
+        raise TrainError(f'{resume} is at step {step}, past the {last} steps this run trains (max_steps / num_train_epochs): '
+                         f'to train a {last}-step model start again with --overwrite or in another output_dir; to use the weights of step {step}, '
+                         f'merge that checkpoint (qlora_nb_merge --adapter {resume})')
+
 def _load_checkpoint_weights(trainer: Trainer, ckpt: Path):
     "Put the adapter weights and the trainer state of `ckpt` into `trainer`, without training."
     from peft import set_peft_model_state_dict
@@ -844,6 +851,8 @@ def train(config: Config,  # from `load_config(path, overrides)`
         base = base_model_info(config)
         fp = run_fingerprint(config, tokenizer, args, base)
         changes = check_resume(resume, fp, allow_config_change) if resume else []
+        start = json.loads((resume/'trainer_state.json').read_text())['global_step'] if resume else 0
+        if args.max_steps > 0: _check_not_past(resume, start, args.max_steps)
         if resume and resume.parent.resolve() == out.resolve() and (step := _final_step(resume, fp)) is not None and _published_step(out) == step:
             print(f'{out}: this run is finished ({resume.name} is its last step) and lora_adapter/ holds that step: nothing to train. '
                   'Raise training_args.max_steps (or num_train_epochs) to train further, or pass --overwrite to start again')
@@ -860,8 +869,8 @@ def train(config: Config,  # from `load_config(path, overrides)`
         if trainer.pop_callback(ProgressCallback) is not None: trainer.add_callback(QuietEvalProgress)
         trainer.run_info = {'fingerprint': fp, 'config': config.to_dict(), 'resumed_from': str(resume) if resume else None,
                             'config_changes': changes or None}
-        start = json.loads((resume/'trainer_state.json').read_text())['global_step'] if resume else 0
         last = args.max_steps if args.max_steps > 0 else trainer.set_initial_training_values(args, trainer.get_train_dataloader())[-1]
+        _check_not_past(resume, start, last)
         try:
             if start >= last:
                 print(f'{resume} is at step {start} and this run stops at step {last}: nothing to train; lora_adapter/ is written from it')
