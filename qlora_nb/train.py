@@ -50,7 +50,7 @@ class OutputLocked(QloraError, RuntimeError):
     "Another process is writing to the output folder (train, merge or eval); the message names it. Nothing was changed."
     exit_code = EXIT_LOCKED
 
-# %% ../nbs/05_train.ipynb #a9f08d72
+# %% ../nbs/05_train.ipynb #d86bbf81
 LOCK = '.qlora_nb.lock'  # in output_dir while a qlora_nb command writes there
 _held: dict[str, list] = {}  # lock file -> [fd, depth] for the locks this process holds
 
@@ -142,7 +142,7 @@ def output_lock(output_dir, what: str):
             with contextlib.suppress(OSError): path.unlink()  # remove the file while still holding the lock, then let go
             os.close(fd)
 
-# %% ../nbs/05_train.ipynb #3eee61d2
+# %% ../nbs/05_train.ipynb #3d9d33a0
 OUTPUT_MANIFEST = '.qlora_nb.json'  # in output_dir: the top-level names qlora_nb wrote there
 
 def _natural(name: str) -> list:
@@ -153,7 +153,8 @@ def _read_manifest(out: Path) -> dict:
     try: m = json.loads(p.read_text(encoding='utf-8'))
     except FileNotFoundError: return {}
     except (OSError, ValueError) as e:
-        raise TrainError(f'{p}: unreadable ({e}); it lists what qlora_nb wrote in {out}. Restore it, or move the folder\'s contents away') from None
+        raise TrainError(f'{p}: unreadable ({e}); it lists what qlora_nb wrote in {out}. '
+                         'Restore it, or move the folder\'s contents away') from None
     return m.get('outputs', {}) if isinstance(m, dict) and isinstance(m.get('outputs'), dict) else {}
 
 def _write_manifest(out: Path, outputs: dict):
@@ -224,7 +225,8 @@ def _checksum_problems(p: Path) -> list[str]:
         f = p/rel
         if not f.is_file(): probs.append(f'{p}: {rel} is missing (it was saved with the checkpoint)')
         elif (size := f.stat().st_size) != want['size']: probs.append(f'{p}: {rel} has {size} bytes, {want["size"]} when saved (cut short?)')
-        elif sha256_file(f) != want['sha256']: probs.append(f'{p}: {rel} differs from the file saved (sha256 mismatch: damaged on disk or changed since)')
+        elif sha256_file(f) != want['sha256']:
+            probs.append(f'{p}: {rel} differs from the file saved (sha256 mismatch: damaged on disk or changed since)')
     return probs
 
 _NEEDED = {'adapter weights (adapter_model.safetensors)': ('adapter_model.safetensors', 'adapter_model.bin', 'model.safetensors', 'model.safetensors.index.json', 'pytorch_model.bin'),
@@ -314,7 +316,7 @@ def rotate_checkpoints(output_dir, save_total_limit: int | None, keep=()) -> lis
     forget_outputs(output_dir, *(c.name for c in gone))
     return gone
 
-# %% ../nbs/05_train.ipynb #79a22a78
+# %% ../nbs/05_train.ipynb #03116075
 _LEFTOVER = re.compile(rf'(?:{re.escape(STAGING)}|{re.escape(TRASH)})-.+'
                        rf'|\.trash-(?:{PREFIX_CHECKPOINT_DIR}-\d+|lora_adapter|final_model|metrics\.jsonl|loss_curve\.png)-\d+-\d+')
 
@@ -371,7 +373,8 @@ class QLoRATrainer(Trainer):
     def training_step(self, model, inputs, num_items_in_batch=None):
         loss = super().training_step(model, inputs, num_items_in_batch)
         if not torch.isfinite(loss).all():
-            raise TrainError(diverged(self.args.output_dir, self.state.global_step + 1, f'the training loss is {loss.float().mean().item()}'))
+            what = f'the training loss is {loss.float().mean().item()}'
+            raise TrainError(diverged(self.args.output_dir, self.state.global_step + 1, what))
         return loss
 
 # %% ../nbs/05_train.ipynb #2e55e72e
@@ -439,11 +442,12 @@ def resolve_resume(config: Config, overwrite: bool = False) -> Path | None:
     elif r: print(f'No checkpoint in {out}: starting fresh')
     return None
 
-# %% ../nbs/05_train.ipynb #c08600c1
+# %% ../nbs/05_train.ipynb #b6f1bdf8
+# TrainingArguments that change the weights
 FINGERPRINT_ARGS = ('learning_rate', 'lr_scheduler_type', 'lr_scheduler_kwargs', 'warmup_steps', 'warmup_ratio', 'weight_decay', 'optim',
                     'optim_args', 'adam_beta1', 'adam_beta2', 'adam_epsilon', 'max_grad_norm', 'per_device_train_batch_size',
                     'gradient_accumulation_steps', 'seed', 'data_seed', 'bf16', 'fp16', 'group_by_length', 'dataloader_drop_last',
-                    'label_smoothing_factor', 'neftune_noise_alpha', 'average_tokens_across_devices')  # TrainingArguments that change the weights
+                    'label_smoothing_factor', 'neftune_noise_alpha', 'average_tokens_across_devices')
 STOP_ARGS = ('max_steps', 'num_train_epochs')  # may change on resume: they say when to stop
 SHAPE_KEYS = ('lora_config.r', 'lora_config.target_modules', 'lora_config.use_dora', 'lora_config.bias', 'base_model.id',
               'training_args.optim')  # a checkpoint cannot be loaded across these
@@ -496,31 +500,32 @@ def fingerprint_changes(old: dict, new: dict) -> list[tuple]:
     return [(k, a.get(k), b.get(k)) for k in sorted(a.keys() | b.keys(), key=_natural)
             if a.get(k) != b.get(k) and not k.startswith(_NOT_COMPARED)]
 
-# %% ../nbs/05_train.ipynb #3da2545d
+# %% ../nbs/05_train.ipynb #372813d2
 def _show(key, value, fp) -> str:
     if key in ('dataset.sha256', 'eval_dataset.sha256') and value:
         return f"{(fp.get(key.split('.')[0]) or {}).get('path')} (sha256 {value[:12]})"
     return repr(value)
 
 def check_resume(resume, fingerprint: dict, allow_config_change: bool = False) -> list[dict]:
-    "Compare the settings checkpoint `resume` was trained with against `fingerprint`; refuse a difference unless allowed; return those allowed."
+    "Compare the settings checkpoint `resume` was trained with to `fingerprint`; refuse a difference unless allowed; return those allowed."
     resume = Path(resume)
     try: old = json.loads((resume/RUN_INFO).read_text())['fingerprint']
     except FileNotFoundError:
-        print(f'note: {resume} has no {RUN_INFO} (another tool or an older qlora_nb wrote it): its settings cannot be compared with this run\'s',
-              file=sys.stderr)
+        print(f'note: {resume} has no {RUN_INFO} (another tool or an older qlora_nb wrote it): '
+              'its settings cannot be compared with this run\'s', file=sys.stderr)
         return []
     except (OSError, ValueError, KeyError, TypeError) as e: raise TrainError(f'{resume/RUN_INFO}: unreadable ({e})') from None
     changes = fingerprint_changes(old, fingerprint)
     if not changes: return []
     lines = '\n'.join(f'  {k}: {_show(k, a, old)} -> {_show(k, b, fingerprint)}' for k, a, b in changes)
     if shape := [k for k, *_ in changes if k.startswith(SHAPE_KEYS)]:
-        raise TrainError(f'cannot resume from {resume}: {", ".join(shape)} changed, and a checkpoint cannot be loaded into another adapter shape '
-                         f'or optimizer, even with allow_config_change. Changes:\n{lines}\n'
+        raise TrainError(f'cannot resume from {resume}: {", ".join(shape)} changed, and a checkpoint cannot be loaded into '
+                         f'another adapter shape or optimizer, even with allow_config_change. Changes:\n{lines}\n'
                          'Undo the change, or start again with --overwrite or in another output_dir')
     if not allow_config_change:
         raise TrainError(f'cannot resume from {resume}: it was trained with other settings than this run:\n{lines}\n'
-                         'Resuming would mix the two runs (and the checkpoint\'s learning rate and optimizer settings would stay in force). '
+                         'Resuming would mix the two runs (and the checkpoint\'s learning rate and optimizer settings '
+                         'would stay in force). '
                          'Undo the change; or start again with --overwrite or in another output_dir; or, to continue anyway, '
                          'pass train(..., allow_config_change=True)')
     kept = [k for k, *_ in changes if k in KEPT_FROM_CHECKPOINT]
@@ -629,7 +634,7 @@ def oom_advice(args: TrainingArguments, max_length: int) -> str:
             f'data.max_length: {max_length}, gradient_checkpointing: {str(gc_on).lower()}\n  GPU: {gpu}\n'
             'Try, in this order (as overrides: qlora_nb_train config.yaml key=value ...):\n' + '\n'.join(f'  - {t}' for t in tips))
 
-# %% ../nbs/05_train.ipynb #bcce5201
+# %% ../nbs/05_train.ipynb #f6eb865f
 def diverged(output_dir, step: int, what: str) -> str:
     "The message for training that went non-finite at `step`: what happened, the last good checkpoint, what to do."
     last = find_last_checkpoint(output_dir)
@@ -657,9 +662,10 @@ class NonFiniteGuard(TrainerCallback):
         ok = torch.stack([torch.isfinite(p.detach()).all().to(named[0][1].device) for _, p in named])  # one sync, not one per tensor
         if not ok.all().item():
             bad = [n for (n, _), f in zip(named, ok.tolist()) if not f]
-            raise TrainError(diverged(args.output_dir, state.global_step, f'{len(bad)} trained tensors hold NaN or inf after the update ({bad[0]}, ...)'))
+            what = f'{len(bad)} trained tensors hold NaN or inf after the update ({bad[0]}, ...)'
+            raise TrainError(diverged(args.output_dir, state.global_step, what))
 
-# %% ../nbs/05_train.ipynb #df1e3a4e
+# %% ../nbs/05_train.ipynb #a0e74e4b
 def nonfinite_tensors(folder) -> list[str]:
     "The names of the tensors in `folder`'s `*.safetensors` files that hold NaN or ±inf."
     from safetensors import safe_open
@@ -668,7 +674,7 @@ def nonfinite_tensors(folder) -> list[str]:
         with safe_open(str(f), 'pt') as sf: bad += [k for k in sf.keys() if not torch.isfinite(sf.get_tensor(k)).all()]
     return bad
 
-# %% ../nbs/05_train.ipynb #335f0d31
+# %% ../nbs/05_train.ipynb #f7f34719
 def align_config_tokens(model, tokenizer):
     "Give `model.config` the tokenizer's pad and bos ids and the generation config's eos ids, so the `Trainer` finds nothing to realign."
     cfg, gen = model.config.get_text_config(), getattr(model, 'generation_config', None)
@@ -721,7 +727,7 @@ def report_dict(rep) -> dict:
 def run_manifest(config: Config, tokenizer, metrics: dict | None = None, merge_check: dict | None = None, *,
                  args: TrainingArguments | None = None, reports: dict | None = None, base_model: dict | None = None,
                  global_step: int | None = None, resumed_from=None, config_changes: list | None = None, adapter_dir=None) -> dict:
-    "How a run was made: config, effective TrainingArguments, base model, versions, source, data hashes, encoding, resume, metrics, merge check."
+    "How a run was made: config, TrainingArguments, base model, versions, source, data, encoding, resume, metrics, merge check."
     ev = config.data.eval_dataset_path
     base = dict(base_model or base_model_info(config))
     if adapter_dir is not None and base.get('source') == 'local':
@@ -732,7 +738,8 @@ def run_manifest(config: Config, tokenizer, metrics: dict | None = None, merge_c
                         'eval_path': str(ev) if ev else None, 'eval_sha256': sha256_file(ev) if ev else None},
             'chat_template_sha256': _template_sha(tokenizer),
             'examples': {k: report_dict(r) for k, r in reports.items() if r is not None} if reports else None,
-            'global_step': global_step, 'resumed_from': str(resumed_from) if resumed_from else None, 'config_changes': config_changes or None,
+            'global_step': global_step, 'resumed_from': str(resumed_from) if resumed_from else None,
+            'config_changes': config_changes or None,
             'metrics': metrics, 'merge_check': merge_check, 'created': time.strftime('%Y-%m-%dT%H:%M:%S%z')}
 
 # %% ../nbs/05_train.ipynb #994de73b
@@ -771,8 +778,9 @@ def report_examples(reports: dict) -> list[str]:
         print(f'examples       {split}: {rep}')
         if len(rep.dropped) > DROP_WARN * rep.n_records:
             other = [t for t in TRUNCATION if t != rep.truncation]
-            warns.append(f'WARNING: {len(rep.dropped)} of {rep.n_records} {split} records ({len(rep.dropped) / rep.n_records:.0%}) are not used: '
-                         f'no assistant turn of theirs fits in data.max_length={rep.max_length}. Raise data.max_length, shorten those records'
+            warns.append(f'WARNING: {len(rep.dropped)} of {rep.n_records} {split} records ({len(rep.dropped) / rep.n_records:.0%}) '
+                         f'are not used: no assistant turn of theirs fits in data.max_length={rep.max_length}. '
+                         'Raise data.max_length, shorten those records'
                          + (f', or see data.truncation ({", ".join(other)})' if other else '') + '; qlora_nb_validate lists them')
             print(warns[-1], file=sys.stderr)
     return warns
@@ -819,8 +827,8 @@ def _check_not_past(resume: Path | None, step: int, last: int):
     "Refuse to 'continue' from a checkpoint beyond the step this run stops at."
     if resume is not None and step > last:
         raise TrainError(f'{resume} is at step {step}, past the {last} steps this run trains (max_steps / num_train_epochs): '
-                         f'to train a {last}-step model start again with --overwrite or in another output_dir; to use the weights of step {step}, '
-                         f'merge that checkpoint (qlora_nb_merge --adapter {resume})')
+                         f'to train a {last}-step model start again with --overwrite or in another output_dir; '
+                         f'to use the weights of step {step}, merge that checkpoint (qlora_nb_merge --adapter {resume})')
 
 def _load_checkpoint_weights(trainer: Trainer, ckpt: Path):
     "Put the adapter weights and the trainer state of `ckpt` into `trainer`, without training."
@@ -853,7 +861,8 @@ def train(config: Config,  # from `load_config(path, overrides)`
         changes = check_resume(resume, fp, allow_config_change) if resume else []
         start = json.loads((resume/'trainer_state.json').read_text())['global_step'] if resume else 0
         if args.max_steps > 0: _check_not_past(resume, start, args.max_steps)
-        if resume and resume.parent.resolve() == out.resolve() and (step := _final_step(resume, fp)) is not None and _published_step(out) == step:
+        done = _final_step(resume, fp) if resume is not None and resume.parent.resolve() == out.resolve() else None
+        if done is not None and _published_step(out) == done:
             print(f'{out}: this run is finished ({resume.name} is its last step) and lora_adapter/ holds that step: nothing to train. '
                   'Raise training_args.max_steps (or num_train_epochs) to train further, or pass --overwrite to start again')
             metrics = {**summarize_metrics(read_metrics(out/METRICS)), 'runtime': time.time() - t0}
@@ -873,7 +882,7 @@ def train(config: Config,  # from `load_config(path, overrides)`
         _check_not_past(resume, start, last)
         try:
             if start >= last:
-                print(f'{resume} is at step {start} and this run stops at step {last}: nothing to train; lora_adapter/ is written from it')
+                print(f'{resume} is the last step of this run ({last}): nothing to train; lora_adapter/ is written from it')
                 _load_checkpoint_weights(trainer, resume)
             else: trainer.train(resume_from_checkpoint=str(resume) if resume else None)
         except KeyboardInterrupt: raise TrainInterrupted(_interrupted(config, trainer.state.global_step)) from None
@@ -895,8 +904,9 @@ def train(config: Config,  # from `load_config(path, overrides)`
             rows = read_metrics(out/METRICS)
             metrics = summarize_metrics(rows)
             (staging/'lora_adapter'/'training_args.bin').unlink(missing_ok=True)  # a pickle; training_config.json has the arguments
-            man = run_manifest(config, tokenizer, metrics, args=args, reports=reports, base_model=base, global_step=trainer.state.global_step,
-                               resumed_from=resume, config_changes=changes, adapter_dir=out/'lora_adapter')
+            man = run_manifest(config, tokenizer, metrics, args=args, reports=reports, base_model=base,
+                               global_step=trainer.state.global_step, resumed_from=resume, config_changes=changes,
+                               adapter_dir=out/'lora_adapter')
             (staging/'lora_adapter'/'training_config.json').write_text(json.dumps(man, indent=2, ensure_ascii=False))
             record_outputs(out, 'lora_adapter', 'loss_curve.png')
             adapter_dir = publish_dir(staging/'lora_adapter', out/'lora_adapter')
