@@ -494,11 +494,14 @@ def _flat(d, prefix='') -> dict:
     if not isinstance(d, dict): return {prefix.rstrip('.'): d}
     return {k: v for key, val in d.items() for k, v in _flat(val, f'{prefix}{key}.').items()} or {prefix.rstrip('.'): {}}
 
+def _known(flat: dict, k: str) -> bool:
+    return any(x == k or x.startswith(k + '.') or k.startswith(x + '.') for x in flat)
+
 def fingerprint_changes(old: dict, new: dict) -> list[tuple]:
     "(key, old value, new value) for each setting that differs between two fingerprints (not where files live, not when to stop)."
     a, b = _flat(old), _flat(new)
-    return [(k, a.get(k), b.get(k)) for k in sorted(a.keys() | b.keys(), key=_natural)
-            if a.get(k) != b.get(k) and not k.startswith(_NOT_COMPARED)]
+    return [(k, a.get(k), b.get(k)) for k in sorted(a.keys() | b.keys(), key=_natural)  # a setting one version does not record
+            if a.get(k) != b.get(k) and not k.startswith(_NOT_COMPARED) and _known(a, k) and _known(b, k)]  # is not a change
 
 # %% ../nbs/05_train.ipynb #9b73d056
 def _show(key, value, fp) -> str:
