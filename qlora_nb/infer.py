@@ -194,17 +194,18 @@ def check_adapter_config(adapter_dir) -> dict:
     if acfg.get('lora_dropout') is not None and not 0 <= acfg['lora_dropout'] < 1:
         refuse('lora_dropout', 'a number in [0, 1)')
     if acfg.get('bias', 'none') not in ('none', 'all', 'lora_only'): refuse('bias', "'none', 'all' or 'lora_only'")
-    def names(key, regex: bool):  # the strings PEFT compares (regex=False) or pastes into a regular expression
+    def names(key, repeats: int | None):  # strings PEFT compares (None) or runs as patterns with `repeats` of their own
         v = acfg.get(key)
         if v is None: return
         for s in (list(v) if isinstance(v, (list, dict)) else [v]):
             if not isinstance(s, str): refuse(key, _ADAPTER_TYPES[key][1])
-            if regex and s != 'all-linear' and (why := pattern_problem(s)):
+            if repeats is not None and s != 'all-linear' and (why := pattern_problem(s, repeats)):
                 refuse(key, f'{_ADAPTER_TYPES[key][1]}; this pattern has {why}, which can take hours to match '
                             '(write the module names as a list, e.g. ["q_proj", "v_proj"])')
-    for key in ('target_modules', 'exclude_modules'): names(key, regex=isinstance(acfg.get(key), str))
-    for key in ('modules_to_save', 'layers_pattern', 'rank_pattern', 'alpha_pattern'): names(key, regex=True)
-    names('target_parameters', regex=False)
+    for key in ('target_modules', 'exclude_modules'): names(key, 3 if isinstance(acfg.get(key), str) else None)
+    # PEFT pastes these into patterns of its own that already repeat twice, e.g. (^|.*\.){name}($|\..*)
+    for key in ('modules_to_save', 'layers_pattern', 'rank_pattern', 'alpha_pattern'): names(key, 1)
+    names('target_parameters', None)
     for key in ('rank_pattern', 'alpha_pattern'):
         if any(isinstance(v, bool) or not isinstance(v, (int, float)) for v in (acfg.get(key) or {}).values()):
             refuse(key, _ADAPTER_TYPES[key][1])
