@@ -30,7 +30,7 @@ def _settings_dict(settings) -> dict:
     return {k: v for k, v in dict(settings).items() if k in _GEN_KEYS and v is not None}
 
 def gen_config(model, tokenizer, settings=None):
-    "The model's `GenerationConfig` with `settings` (`config.eval`, a dict or None) laid over, stopping at `stop_token_ids`."
+    "The model's `GenerationConfig` with `settings` (`config.eval`, a dict or None) over it, stopping at `stop_token_ids`."
     gc_ = copy.deepcopy(model.generation_config)
     s = _settings_dict(settings)
     for k in ('max_new_tokens', 'do_sample', 'repetition_penalty'):
@@ -131,9 +131,9 @@ def _regex_items(pattern: str):
 
 def pattern_problem(pattern: str, max_repeats: int = 3) -> str | None:
     "Why the regular expression `pattern` is not a simple one that matches fast, or None when it is."
-    if len(pattern) > 500: return f'{len(pattern)} characters long (at most 500)'
+    if len(pattern) > 500: return f'{len(pattern)} characters (at most 500)'
     try: items = _regex_items(pattern)
-    except (re.error, RecursionError, OverflowError) as e: return f'not a valid regular expression ({e})'
+    except (re.error, RecursionError, OverflowError) as e: return f'invalid syntax ({e})'
     count = 0
     def walk(items, in_repeat: bool) -> str | None:
         nonlocal count
@@ -200,8 +200,9 @@ def check_adapter_config(adapter_dir) -> dict:
         for s in (list(v) if isinstance(v, (list, dict)) else [v]):
             if not isinstance(s, str): refuse(key, _ADAPTER_TYPES[key][1])
             if repeats is not None and s != 'all-linear' and (why := pattern_problem(s, repeats)):
-                refuse(key, f'{_ADAPTER_TYPES[key][1]}; this pattern has {why}, which can take hours to match '
-                            '(write the module names as a list, e.g. ["q_proj", "v_proj"])')
+                refuse(key, f'{_ADAPTER_TYPES[key][1]}, but {_short(s)} is not a simple pattern: {why} (PEFT '
+                            'matches it against every module name, and a pattern like this can take hours); write the '
+                            'module names as a list, e.g. ["q_proj", "v_proj"]')
     for key in ('target_modules', 'exclude_modules'): names(key, 3 if isinstance(acfg.get(key), str) else None)
     # PEFT pastes these into patterns of its own that already repeat twice, e.g. (^|.*\.){name}($|\..*)
     for key in ('modules_to_save', 'layers_pattern', 'rank_pattern', 'alpha_pattern'): names(key, 1)
@@ -276,7 +277,7 @@ def _load_merged(model_dir: Path):
     return model, AutoTokenizer.from_pretrained(model_dir)
 
 def load_for_inference(config, model_dir=None, adapter_dir=None):
-    "`(model, tokenizer)` for generation: an adapter on the 4-bit base (default output_dir/lora_adapter) or a merged model."
+    "`(model, tokenizer)` to generate with: an adapter on the 4-bit base (default output_dir/lora_adapter) or a merged model."
     kind, path = find_model_source(config, model_dir, adapter_dir)
     if kind == 'model': return _load_merged(path)
     check_adapter(path, config.model_name_or_path, config.trust_remote_code)
