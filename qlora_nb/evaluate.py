@@ -12,14 +12,15 @@ import torch.nn.functional as F
 from .data import load_split, to_messages
 from .chatml import PadCollator, examples
 from .model import free_memory, input_device, load_model, load_tokenizer
-from .infer import EvalError, Generation, _load_merged, _settings_dict, check_adapter, find_model_source, generate
+from .infer import (EvalError, Generation, _load_merged, _settings_dict, check_adapter, find_model_source,
+                            generate)
 from .train import METRICS, plot_loss_curve, read_metrics
 
 log = logging.getLogger(__name__)
 
 # %% auto #0
-__all__ = ['log', 'BAR_METRICS', 'batch_nll', 'LossResult', 'eval_loss', 'stop_rate', 'length_ratio', 'lcs_len', 'rouge_l',
-           'chrf', 'sentence_chrf', 'text_metrics', 'Prompt', 'eval_prompts', 'plot_metric_bars', 'plot_output_lengths',
+__all__ = ['log', 'BAR_METRICS', 'example_nll', 'LossResult', 'eval_loss', 'stop_rate', 'length_ratio', 'rouge_l', 'chrf',
+           'sentence_chrf', 'text_metrics', 'Prompt', 'eval_prompts', 'plot_metric_bars', 'plot_output_lengths',
            'eval_records', 'EvalResult', 'measure', 'write_results', 'evaluate', 'samples_markdown']
 
 # %% ../nbs/08_evaluate.ipynb #04563c10
@@ -32,36 +33,45 @@ def _body_and_head(model):
     return (body, head) if body is not None and head is not None and body is not m else None
 
 @torch.inference_mode()
-def batch_nll(model, batch: dict, chunk: int = 1024) -> tuple[float, int]:
-    "Summed next-token NLL and trained-token count of one padded `batch`; logits exist only `chunk` positions at a time."
+def example_nll(model, batch: dict, chunk: int = 1024) -> tuple[list[float], list[int]]:
+    "Summed next-token NLL and trained-token count of each row of a padded `batch`, `chunk` positions' logits at a time."
     dev = input_device(model)
     ids, mask, labels = (batch[k].to(dev) for k in ('input_ids', 'attention_mask', 'labels'))
     tgt = labels[:, 1:]
     keep = tgt != -100
-    n = int(keep.sum())
-    if n == 0: return 0.0, 0
+    counts, n = keep.sum(1).cpu().tolist(), int(keep.sum())
+    if n == 0: return [0.0] * len(counts), counts
+    row = keep.nonzero()[:, 0]  # the row of each kept position, in the order `[keep]` lists them
     parts = _body_and_head(model)
     if parts is None:  # fall back: full logits of this (small) batch
-        logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1]
-        return F.cross_entropy(logits[keep].float(), tgt[keep], reduction='sum').item(), n
+        nll = F.cross_entropy(model(input_ids=ids, attention_mask=mask).logits[:, :-1][keep].float(), tgt[keep],
+                              reduction='none')
+        return torch.zeros(len(counts), dtype=torch.float64, device=nll.device).index_add_(
+            0, row.to(nll.device), nll.double()).cpu().tolist(), counts
     body, head = parts
     h = body(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state[:, :-1][keep]  # [n, hidden]
-    y = tgt[keep].to(h.device)
-    total = torch.zeros((), dtype=torch.float64, device=h.device)
+    y, row = tgt[keep].to(h.device), row.to(h.device)
+    sums = torch.zeros(len(counts), dtype=torch.float64, device=h.device)
     for i in range(0, n, chunk):
-        logits = head(h[i:i + chunk]).float()
-        total += F.cross_entropy(logits, y[i:i + chunk], reduction='sum').double()
-    return total.item(), n
+        nll = F.cross_entropy(head(h[i:i + chunk]).float(), y[i:i + chunk], reduction='none')
+        sums.index_add_(0, row[i:i + chunk], nll.double())
+    return sums.cpu().tolist(), counts
 
 # %% ../nbs/08_evaluate.ipynb #385e0136
 @dataclass
 class LossResult:
     nll: float     # summed NLL over all trained (assistant) tokens
     tokens: int    # how many tokens were scored
+    rows: list = field(default_factory=list, repr=False)  # (nll, tokens) of each example, in the order given
     @property
     def loss(self) -> float: return self.nll / self.tokens if self.tokens else float('nan')
     @property
     def ppl(self) -> float: return math.exp(min(self.loss, 700)) if self.tokens else float('nan')
+    def batch_mean(self, batch_size: int = 8) -> float:
+        "The `Trainer`'s eval loss: token means of consecutive batches of `batch_size` examples, averaged by examples."
+        bs = [self.rows[i:i + batch_size] for i in range(0, len(self.rows), batch_size)]
+        means = [(sum(s for s, _ in b) / t, len(b)) for b in bs if (t := sum(n for _, n in b))]
+        return sum(m * k for m, k in means) / sum(k for _, k in means) if means else float('nan')
     def __repr__(self): return f'loss {self.loss:.4f} · ppl {self.ppl:.2f} · {self.tokens} tokens'
 
 def eval_loss(model, examples: list[dict],  # encoded examples: input_ids, labels (-100 where not trained)
@@ -71,13 +81,13 @@ def eval_loss(model, examples: list[dict],  # encoded examples: input_ids, label
     was_training = model.training
     model.eval()
     order, collate = sorted(range(len(examples)), key=lambda i: -len(examples[i]['input_ids'])), PadCollator(pad_id)
-    nll, tokens = 0.0, 0
+    rows = [(0.0, 0)] * len(examples)
     try:
         for i in range(0, len(order), batch_size):
-            s, n = batch_nll(model, collate([examples[j] for j in order[i:i + batch_size]]), chunk)
-            nll, tokens = nll + s, tokens + n
+            idx = order[i:i + batch_size]
+            for j, s, n in zip(idx, *example_nll(model, collate([examples[j] for j in idx]), chunk)): rows[j] = (s, n)
     finally: model.train(was_training)
-    return LossResult(nll, tokens)
+    return LossResult(sum(s for s, _ in rows), sum(n for _, n in rows), rows)
 
 # %% ../nbs/08_evaluate.ipynb #4f4dad48
 def stop_rate(gens: list[Generation]) -> float:
@@ -90,27 +100,13 @@ def length_ratio(hyps: list[str], refs: list[str]) -> float:
     rs = [len(h) / len(r) for h, r in zip(hyps, refs) if len(r)]
     return sum(rs) / len(rs) if rs else float('nan')
 
-# %% ../nbs/08_evaluate.ipynb #3f623fdf
-def lcs_len(a: str, b: str) -> int:
-    "Length of the longest common subsequence of `a` and `b`."
-    if not a or not b: return 0
-    match = {}
-    for i, ch in enumerate(a): match[ch] = match.get(ch, 0) | (1 << i)
-    full = (1 << len(a)) - 1
-    v = full  # zero bits of v mark LCS positions found so far
-    for ch in b:
-        u = v & match.get(ch, 0)
-        v = ((v + u) | (v - u)) & full
-    return len(a) - bin(v).count('1')
-
 # %% ../nbs/08_evaluate.ipynb #deb5fd7f
 def rouge_l(hyp: str, ref: str) -> float:
     "Character-level ROUGE-L F1 of `hyp` against `ref`, in [0, 1] (1 when both are empty)."
+    from rapidfuzz.distance import LCSseq
     if not hyp or not ref: return float(hyp == ref)
-    n = lcs_len(hyp, ref)
-    if n == 0: return 0.0
-    p, r = n / len(hyp), n / len(ref)
-    return 2 * p * r / (p + r)
+    n = LCSseq.similarity(hyp, ref)
+    return 2 * n / (len(hyp) + len(ref))  # = 2PR/(P+R) with P = n/len(hyp), R = n/len(ref)
 
 # %% ../nbs/08_evaluate.ipynb #dc6bce89
 def chrf(hyps: list[str], refs: list[str]) -> float:
@@ -126,10 +122,11 @@ def sentence_chrf(hyp: str, ref: str) -> float:
 # %% ../nbs/08_evaluate.ipynb #b78cc710
 def text_metrics(gens: list[Generation], refs: list[str]) -> dict:
     "stop_rate, length_ratio, chrf, rouge_l (both 0-100) and mean generated tokens of `gens` against `refs`."
+    if not gens: return dict.fromkeys(('stop_rate', 'length_ratio', 'chrf', 'rouge_l', 'gen_tokens'), float('nan'))
     hyps = [g.text for g in gens]
-    return dict(stop_rate=stop_rate(gens), length_ratio=length_ratio(hyps, refs), chrf=chrf(hyps, refs) if gens else float('nan'),
-                rouge_l=100 * sum(map(rouge_l, hyps, refs)) / len(gens) if gens else float('nan'),
-                gen_tokens=sum(g.tokens for g in gens) / len(gens) if gens else float('nan'))
+    return dict(stop_rate=stop_rate(gens), length_ratio=length_ratio(hyps, refs), chrf=chrf(hyps, refs),
+                rouge_l=100 * sum(map(rouge_l, hyps, refs)) / len(gens),
+                gen_tokens=sum(g.tokens for g in gens) / len(gens))
 
 # %% ../nbs/08_evaluate.ipynb #f355b716
 @dataclass
@@ -155,8 +152,8 @@ def _figure(w=6.4, h=3.6):
 
 
 # %% ../nbs/08_evaluate.ipynb #a98bc0d1
-BAR_METRICS = {'loss': 'eval loss ↓', 'ppl': 'perplexity ↓', 'stop_rate': 'stop rate ↑', 'length_ratio': 'length ratio (→1)',
-               'chrf': 'chrF ↑', 'rouge_l': 'ROUGE-L (char) ↑'}
+BAR_METRICS = {'loss': 'eval loss ↓', 'ppl': 'perplexity ↓', 'stop_rate': 'stop rate ↑',
+               'length_ratio': 'length ratio (→1)', 'chrf': 'chrF ↑', 'rouge_l': 'ROUGE-L (char) ↑'}
 
 def plot_metric_bars(base: dict, tuned: dict):
     "One small bar chart per metric in `BAR_METRICS`: base vs tuned."
@@ -190,16 +187,20 @@ def plot_output_lengths(samples: list[dict]):
 def eval_records(config) -> list[dict]:
     "The eval split of `config`'s data, as training made it; `EvalError` when it is empty."
     if ev := load_split(config)[1]: return ev
-    where = (f'data.eval_dataset_path {config.data.eval_dataset_path} has no records' if config.data.eval_dataset_path else
-             f'data.eval_ratio is {config.data.eval_ratio} for {config.dataset_path}')
+    d = config.data
+    where = (f'data.eval_dataset_path {d.eval_dataset_path} has no records' if d.eval_dataset_path else
+             f'data.eval_ratio is {d.eval_ratio} for {config.dataset_path}')
     raise EvalError(f'the eval split is empty: {where}. Hold some records out with data.eval_ratio (e.g. 0.1), '
                     'or set data.eval_dataset_path to a JSONL file of held-out records')
 
 # %% ../nbs/08_evaluate.ipynb #77bc4650
-_ROWS = (('loss', 'eval loss (assistant tokens)', '{:.4f}'), ('ppl', 'perplexity', '{:.2f}'), ('tokens', 'scored tokens', '{:d}'),
-         ('stop_rate', 'stop rate (<|im_end|> before max_new_tokens)', '{:.0%}'), ('length_ratio', 'length ratio (generated / reference chars)', '{:.2f}'),
-         ('chrf', 'chrF', '{:.1f}'), ('rouge_l', 'ROUGE-L F1 (characters)', '{:.1f}'), ('gen_tokens', 'mean generated tokens', '{:.1f}'),
-         ('seconds', 'seconds', '{:.1f}'))
+_ROWS = (('loss', 'eval loss (per assistant token)', '{:.4f}'),
+         ('trainer_loss', 'eval loss as the training log averages it', '{:.4f}'),
+         ('ppl', 'perplexity', '{:.2f}'), ('tokens', 'scored tokens', '{:d}'),
+         ('stop_rate', 'stop rate (<|im_end|> before max_new_tokens)', '{:.0%}'),
+         ('length_ratio', 'length ratio (generated / reference chars)', '{:.2f}'),
+         ('chrf', 'chrF', '{:.1f}'), ('rouge_l', 'ROUGE-L F1 (characters)', '{:.1f}'),
+         ('gen_tokens', 'mean generated tokens', '{:.1f}'), ('seconds', 'seconds', '{:.1f}'))
 
 def _fmt(fmt, v):
     try: return fmt.format(v)
@@ -216,21 +217,39 @@ class EvalResult:
     out_dir: Path | None = None  # where metrics.json, samples.jsonl and the PNGs were written
     settings: dict = field(default_factory=dict)  # the generation settings used
     encoding: str = ''     # how the eval records became examples (how many were dropped as too long)
+    n_records: int | None = None  # held-out records; n_records - n_eval of them gave no example
+    too_long: int = 0      # of those, how many because no assistant turn fits in max_length
+    max_length: int | None = None  # data.max_length
+    trainer_batch_size: int = 8    # training_args.per_device_eval_batch_size: the batches of `trainer_loss`
 
+    def coverage(self) -> str:
+        "What the loss is over, e.g. 'over 17 of 21 held-out records (4 dropped by max_length=512)'."
+        if self.n_records is None: return f'over {self.n_eval} eval examples'
+        k, s = self.n_records - self.n_eval, f'over {self.n_eval} of {self.n_records} held-out records'
+        if not k: return s
+        why = f'{"" if self.too_long == k else f", {self.too_long}"} by max_length={self.max_length}'
+        return s + f' ({k} dropped{why})'
     def table(self) -> str:
-        "The metrics as a markdown table, base vs tuned."
-        rows = [f'| {name} | {_fmt(f, self.base.get(k))} | {_fmt(f, self.tuned.get(k))} |' for k, name, f in _ROWS if k in self.base or k in self.tuned]
-        return '\n'.join(['| metric | base | tuned |', '|---|---:|---:|'] + rows)
+        "The metrics as a markdown table, base vs tuned, and a note on what the loss covers."
+        rows = [f'| {name} | {_fmt(f, self.base.get(k))} | {_fmt(f, self.tuned.get(k))} |' for k, name, f in _ROWS
+                if k in self.base or k in self.tuned]
+        note = (f'\n\nEval loss: every assistant token {self.coverage()} counts once. The training log\'s eval_loss '
+                f'(metrics.jsonl) averages the mean loss of each batch of {self.trainer_batch_size} examples instead, '
+                'so it differs a little: the second row is that average for the same model.')
+        return '\n'.join(['| metric | base | tuned |', '|---|---:|---:|'] + rows) + note
     def _repr_markdown_(self):
-        return (f'**{self.source}** · eval split: {self.encoding or f"{self.n_eval} examples"} · {len(self.samples)} prompts generated · '
+        return (f'**{self.source}** · loss {self.coverage()} · {len(self.samples)} prompts generated · '
                 f'{self.seconds:.1f} s\n\n' + self.table())
     def __repr__(self): return self._repr_markdown_()
     def to_dict(self) -> dict:
-        return dict(source=self.source, n_eval=self.n_eval, encoding=self.encoding, n_prompts=len(self.samples), seconds=self.seconds,
-                    settings=self.settings, base=self.base, tuned=self.tuned)
+        return dict(source=self.source, n_eval=self.n_eval, n_records=self.n_records, too_long=self.too_long,
+                    max_length=self.max_length, encoding=self.encoding, n_prompts=len(self.samples),
+                    seconds=self.seconds, settings=self.settings, trainer_batch_size=self.trainer_batch_size,
+                    base=self.base, tuned=self.tuned)
 
 # %% ../nbs/08_evaluate.ipynb #7645b851
-def measure(model, tokenizer, examples: list[dict], prompts: list[Prompt], settings, pad_id: int, seed: int = 42) -> tuple[dict, list]:
+def measure(model, tokenizer, examples: list[dict], prompts: list[Prompt], settings, pad_id: int, seed: int = 42,
+            trainer_batch_size: int = 8) -> tuple[dict, list]:
     "`(metrics, generations)` of `model`: loss/ppl over `examples`, text metrics of its replies to `prompts`."
     t = time.time()
     log.info('scoring %d eval examples', len(examples))
@@ -238,7 +257,7 @@ def measure(model, tokenizer, examples: list[dict], prompts: list[Prompt], setti
     log.info('%r; generating for %d prompts (max_new_tokens=%d)', lr, len(prompts), settings.max_new_tokens)
     torch.manual_seed(seed)
     gens = generate(model, tokenizer, [p.messages for p in prompts], settings, settings.batch_size) if prompts else []
-    m = dict(loss=lr.loss, ppl=lr.ppl, tokens=lr.tokens)
+    m = dict(loss=lr.loss, trainer_loss=lr.batch_mean(trainer_batch_size), ppl=lr.ppl, tokens=lr.tokens)
     if gens: m.update(text_metrics(gens, [p.reference for p in prompts]))
     return m | dict(seconds=time.time() - t), gens
 
@@ -252,7 +271,8 @@ def write_results(result: EvalResult, out_dir, log_path=None) -> dict:
     d = result.to_dict() | dict(base=_jsonable(result.base), tuned=_jsonable(result.tuned))
     paths = dict(metrics=out_dir/'metrics.json', samples=out_dir/'samples.jsonl')
     paths['metrics'].write_text(json.dumps(d, ensure_ascii=False, indent=2) + '\n', encoding='utf-8')
-    paths['samples'].write_text(''.join(json.dumps(s, ensure_ascii=False) + '\n' for s in result.samples), encoding='utf-8')
+    paths['samples'].write_text(''.join(json.dumps(s, ensure_ascii=False) + '\n' for s in result.samples),
+                                encoding='utf-8')
     figs = dict(metric_bars=plot_metric_bars(result.base, result.tuned))
     if result.samples: figs['lengths'] = plot_output_lengths(result.samples)
     if rows := read_metrics(log_path) if log_path else []:
@@ -281,30 +301,36 @@ def evaluate(config,            # a Config from load_config
     exs, report = examples(config, tok, 'eval', records=records)
     if not exs: raise EvalError(f'the eval split gives no examples to score: {report}')
     prompts = eval_prompts(records, config.data.default_system, config.eval.num_prompts)
-    s, seed, pad = config.eval, config.data.seed, tok.pad_token_id if tok.pad_token_id is not None else 0
+    s, pad = config.eval, tok.pad_token_id if tok.pad_token_id is not None else 0
+    tbs = int(config.training_args.get('per_device_eval_batch_size', 8))
+    def run(model, tokenizer): return measure(model, tokenizer, exs, prompts, s, pad, config.data.seed, tbs)
     if kind == 'adapter':
         from peft import PeftModel
         model = PeftModel.from_pretrained(load_model(config, tok).eval(), str(path), is_trainable=False).eval()
         log.info('base model (adapter disabled)')
-        with model.disable_adapter(): base, base_gens = measure(model, tok, exs, prompts, s, pad, seed)
+        with model.disable_adapter(): base, base_gens = run(model, tok)
         log.info('fine-tuned model (adapter %s)', path)
-        tuned, tuned_gens = measure(model, tok, exs, prompts, s, pad, seed)
+        tuned, tuned_gens = run(model, tok)
         del model; free_memory()
     else:
         model = load_model(config, tok).eval()
-        base, base_gens = measure(model, tok, exs, prompts, s, pad, seed)
+        base, base_gens = run(model, tok)
         del model; free_memory()  # the 4-bit base goes before the merged model loads
         log.info('merged model %s', path)
         model, mtok = _load_merged(path)
-        if len(mtok) != len(tok): raise EvalError(f'{path}: its tokenizer has {len(mtok)} tokens, the base model\'s {len(tok)}; this merged model was not made from {config.model_name_or_path}')
-        tuned, tuned_gens = measure(model, mtok, exs, prompts, s, pad, seed)
+        if len(mtok) != len(tok):
+            raise EvalError(f'{path}: its tokenizer has {len(mtok)} tokens, the base model\'s {len(tok)}; this merged '
+                            f'model was not made from {config.model_name_or_path}')
+        tuned, tuned_gens = run(model, mtok)
         del model; free_memory()
     samples = [dict(line=p.line, system=next((m['content'] for m in p.messages if m['role'] == 'system'), None),
                     prompt=p.messages[-1]['content'], turns=len(p.messages), reference=p.reference,
                     base=b.text, tuned=t.text, base_stopped=b.stopped, tuned_stopped=t.stopped,
                     base_chrf=sentence_chrf(b.text, p.reference), tuned_chrf=sentence_chrf(t.text, p.reference))
                for p, b, t in zip(prompts, base_gens, tuned_gens)]
-    res = EvalResult(base, tuned, samples, f'{kind} {path}', len(exs), 0.0, settings=_used_settings(s), encoding=str(report))
+    res = EvalResult(base, tuned, samples, f'{kind} {path}', len(exs), 0.0, settings=_used_settings(s),
+                     encoding=str(report), n_records=report.n_records, max_length=report.max_length,
+                     too_long=sum('max_length' in why for _, why in report.dropped), trainer_batch_size=tbs)
     res.seconds = time.time() - t0
     write_results(res, Path(out_dir) if out_dir else config.output_dir/'eval', config.output_dir/METRICS)
     return res

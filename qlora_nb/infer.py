@@ -4,16 +4,17 @@
 
 # %% ../nbs/07_infer.ipynb #24551303
 from __future__ import annotations
-import copy, dataclasses, json
+import copy, dataclasses, json, re
 from dataclasses import dataclass
 from pathlib import Path
 import torch
 from .config import ConfigError, QloraError
-from .model import input_device, load_model, load_tokenizer, stop_token_ids
+from .model import input_device, load_model, load_tokenizer, offline_unless_reachable, stop_token_ids
 
 # %% auto #0
-__all__ = ['EvalError', 'gen_config', 'prompt_ids', 'pad_left', 'Generation', 'decode_generation', 'generate',
-           'find_model_source', 'check_adapter', 'load_for_inference', 'write_streamer', 'ChatLog', 'chat']
+__all__ = ['CHAT_COMMANDS', 'EvalError', 'gen_config', 'prompt_ids', 'pad_left', 'Generation', 'decode_generation', 'generate',
+           'find_model_source', 'pattern_problem', 'check_adapter_config', 'check_adapter', 'load_for_inference',
+           'write_streamer', 'ChatLog', 'chat_help', 'chat']
 
 # %% ../nbs/07_infer.ipynb #5edf16e7
 class EvalError(QloraError, ValueError):
@@ -29,7 +30,7 @@ def _settings_dict(settings) -> dict:
     return {k: v for k, v in dict(settings).items() if k in _GEN_KEYS and v is not None}
 
 def gen_config(model, tokenizer, settings=None):
-    "The model's `GenerationConfig` updated with `settings` (`config.eval`, a dict or None), stopping at `stop_token_ids`."
+    "The model's `GenerationConfig` with `settings` (`config.eval`, a dict or None) over it, stopping at `stop_token_ids`."
     gc_ = copy.deepcopy(model.generation_config)
     s = _settings_dict(settings)
     for k in ('max_new_tokens', 'do_sample', 'repetition_penalty'):
@@ -93,27 +94,123 @@ def generate(model, tokenizer,
             idx = order[i:i + batch_size]
             b = pad_left([rows[j] for j in idx], gcfg.pad_token_id)
             seqs = model.generate(**{k: v.to(dev) for k, v in b.items()}, generation_config=gcfg, streamer=streamer)
-            for j, r in zip(idx, seqs[:, b['input_ids'].shape[1]:]): out[j] = decode_generation(tokenizer, r, gcfg.eos_token_id)
+            for j, r in zip(idx, seqs[:, b['input_ids'].shape[1]:].cpu()):
+                out[j] = decode_generation(tokenizer, r, gcfg.eos_token_id)
     finally: model.train(was_training)
     return out
 
 # %% ../nbs/07_infer.ipynb #321289af
 def find_model_source(config, model_dir=None, adapter_dir=None) -> tuple[str, Path]:
     "`('adapter', dir)` or `('model', dir)`: what `evaluate` and `load_for_inference` will load."
-    if model_dir is not None and adapter_dir is not None: raise EvalError('give either a merged model folder (--model) or an adapter folder (--adapter), not both')
+    if model_dir is not None and adapter_dir is not None:
+        raise EvalError('give either a merged model folder (--model) or an adapter folder (--adapter), not both')
     if model_dir is not None:
         p = Path(model_dir).expanduser().resolve()
-        if not (p/'config.json').is_file(): raise EvalError(f'{p}: not a model folder (no config.json); pass the final_model folder that training wrote, e.g. {config.output_dir/"final_model"}')
+        if not (p/'config.json').is_file():
+            raise EvalError(f'{p}: not a model folder (no config.json); pass the final_model folder that training '
+                            f'wrote, e.g. {config.output_dir/"final_model"}')
         return 'model', p
     if adapter_dir is not None:
         p = Path(adapter_dir).expanduser().resolve()
-        if not (p/'adapter_config.json').is_file(): raise EvalError(f'{p}: not a LoRA adapter folder (no adapter_config.json); pass the lora_adapter folder that training wrote, e.g. {config.output_dir/"lora_adapter"}')
+        if not (p/'adapter_config.json').is_file():
+            raise EvalError(f'{p}: not a LoRA adapter folder (no adapter_config.json); pass the lora_adapter folder '
+                            f'that training wrote, e.g. {config.output_dir/"lora_adapter"}')
         return 'adapter', p
     a, m = config.output_dir/'lora_adapter', config.output_dir/'final_model'
     if (a/'adapter_config.json').is_file(): return 'adapter', a
     if (m/'config.json').is_file(): return 'model', m
-    raise EvalError(f'{config.output_dir}: nothing to evaluate: no adapter ({a.name}/adapter_config.json) and no merged model ({m.name}/config.json). '
-                    f'Train first (qlora_nb_train {config.config_path or "CONFIG"}), or point at one with --adapter DIR or --model DIR')
+    raise EvalError(f'{config.output_dir}: nothing to evaluate: no adapter ({a.name}/adapter_config.json) and no merged '
+                    f'model ({m.name}/config.json). Train first (qlora_nb_train {config.config_path or "CONFIG"}), or '
+                    'point at one with --adapter DIR or --model DIR')
+
+# %% ../nbs/07_infer.ipynb #25a05ec9
+def _regex_items(pattern: str):
+    try: from re import _parser
+    except ImportError: import sre_parse as _parser  # Python < 3.11
+    return _parser.parse(pattern).data
+
+def pattern_problem(pattern: str, max_repeats: int = 3) -> str | None:
+    "Why the regular expression `pattern` is not a simple one that matches fast, or None when it is."
+    if len(pattern) > 500: return f'{len(pattern)} characters (at most 500)'
+    try: items = _regex_items(pattern)
+    except (re.error, RecursionError, OverflowError) as e: return f'invalid syntax ({e})'
+    count = 0
+    def walk(items, in_repeat: bool) -> str | None:
+        nonlocal count
+        for op, av in items:
+            kind = getattr(op, 'name', str(op))
+            if kind in ('MAX_REPEAT', 'MIN_REPEAT', 'POSSESSIVE_REPEAT'):
+                if in_repeat: return 'a repetition inside a repetition'
+                if av[1] > 1: count += 1
+                if why := walk(av[2], av[1] > 1): return why
+            elif kind == 'BRANCH':
+                if in_repeat: return 'alternatives (|) inside a repetition'
+                for alt in av[1]:
+                    if why := walk(alt, in_repeat): return why
+            elif kind in ('SUBPATTERN', 'ASSERT', 'ASSERT_NOT', 'ATOMIC_GROUP'):
+                if why := walk(av if kind == 'ATOMIC_GROUP' else av[-1], in_repeat): return why
+            elif kind in ('GROUPREF', 'GROUPREF_EXISTS'): return 'a back-reference'
+        return None
+    if why := walk(items, False): return why
+    if count > max_repeats: return f'{count} repetitions (at most {max_repeats})'
+    return None
+
+# %% ../nbs/07_infer.ipynb #0fa2a812
+_ADAPTER_TYPES = {  # key: (accepted types, what to say)
+    'r': (int, 'a positive integer'), 'lora_alpha': ((int, float), 'a number'),
+    'lora_dropout': ((int, float), 'a number in [0, 1)'), 'bias': (str, "'none', 'all' or 'lora_only'"),
+    'use_rslora': (bool, 'true or false'), 'use_dora': (bool, 'true or false'),
+    'fan_in_fan_out': (bool, 'true or false'), 'inference_mode': (bool, 'true or false'),
+    'layers_to_transform': ((int, list), 'a layer index or a list of them'),
+    'rank_pattern': (dict, 'a mapping of module pattern to rank'),
+    'alpha_pattern': (dict, 'a mapping of module pattern to alpha'),
+    'target_modules': ((list, str), 'a list of module names or a simple pattern'),
+    'modules_to_save': (list, 'a list of module names'), 'exclude_modules': ((list, str), 'a list of module names'),
+    'layers_pattern': ((list, str), 'a layer-list name such as layers'),
+    'target_parameters': (list, 'a list of parameter names')}
+
+def _short(v, n: int = 60) -> str:
+    s = json.dumps(v, ensure_ascii=False)
+    return s if len(s) <= n else s[:n] + '…'
+
+def check_adapter_config(adapter_dir) -> dict:
+    "The adapter's `adapter_config.json`, checked before PEFT runs it (types, names, simple patterns); else `EvalError`."
+    f = Path(adapter_dir)/'adapter_config.json'
+    try:
+        if f.stat().st_size > 1_000_000: raise ValueError(f'{f.stat().st_size:,} bytes; an adapter config is a few KB')
+        acfg = json.loads(f.read_text(encoding='utf-8'))
+    except (OSError, ValueError, RecursionError) as e:
+        raise EvalError(f'{f}: cannot read it ({type(e).__name__}: {e}); the adapter folder is damaged') from None
+    if not isinstance(acfg, dict): raise EvalError(f'{f}: expected a JSON object of LoRA settings, got {_short(acfg)}')
+    def refuse(key, expected):
+        raise EvalError(f'{f}: "{key}" is {_short(acfg[key])}: expected {expected}. The adapter folder is damaged or '
+                        'was not written by a LoRA trainer: train again, or pass another --adapter')
+    if acfg.get('peft_type', 'LORA') != 'LORA': refuse('peft_type', '"LORA" (qlora_nb loads LoRA adapters)')
+    for key, (tp, what) in _ADAPTER_TYPES.items():
+        v = acfg.get(key)
+        if v is None: continue
+        if isinstance(v, bool) and tp is not bool or not isinstance(v, tp): refuse(key, what)
+    if acfg.get('r') is not None and acfg['r'] < 1: refuse('r', 'a positive integer')
+    if acfg.get('lora_dropout') is not None and not 0 <= acfg['lora_dropout'] < 1:
+        refuse('lora_dropout', 'a number in [0, 1)')
+    if acfg.get('bias', 'none') not in ('none', 'all', 'lora_only'): refuse('bias', "'none', 'all' or 'lora_only'")
+    def names(key, repeats: int | None):  # strings PEFT compares (None) or runs as patterns with `repeats` of their own
+        v = acfg.get(key)
+        if v is None: return
+        for s in (list(v) if isinstance(v, (list, dict)) else [v]):
+            if not isinstance(s, str): refuse(key, _ADAPTER_TYPES[key][1])
+            if repeats is not None and s != 'all-linear' and (why := pattern_problem(s, repeats)):
+                refuse(key, f'{_ADAPTER_TYPES[key][1]}, but {_short(s)} is not a simple pattern: {why} (PEFT '
+                            'matches it against every module name, and a pattern like this can take hours); write the '
+                            'module names as a list, e.g. ["q_proj", "v_proj"]')
+    for key in ('target_modules', 'exclude_modules'): names(key, 3 if isinstance(acfg.get(key), str) else None)
+    # PEFT pastes these into patterns of its own that already repeat twice, e.g. (^|.*\.){name}($|\..*)
+    for key in ('modules_to_save', 'layers_pattern', 'rank_pattern', 'alpha_pattern'): names(key, 1)
+    names('target_parameters', None)
+    for key in ('rank_pattern', 'alpha_pattern'):
+        if any(isinstance(v, bool) or not isinstance(v, (int, float)) for v in (acfg.get(key) or {}).values()):
+            refuse(key, _ADAPTER_TYPES[key][1])
+    return acfg
 
 # %% ../nbs/07_infer.ipynb #2a71a1a9
 def _adapter_modules(adapter_dir: Path) -> dict:
@@ -123,8 +220,10 @@ def _adapter_modules(adapter_dir: Path) -> dict:
         from safetensors import safe_open
         with safe_open(str(f), 'pt') as s: shapes = {k: tuple(s.get_slice(k).get_shape()) for k in s.keys()}
     elif (adapter_dir/'adapter_model.bin').is_file():
-        shapes = {k: tuple(v.shape) for k, v in torch.load(adapter_dir/'adapter_model.bin', map_location='cpu', weights_only=True).items()}
-    else: raise EvalError(f'{adapter_dir}: no adapter_model.safetensors (the adapter weights); the folder is incomplete, train again or pass another --adapter')
+        shapes = {k: tuple(v.shape) for k, v in
+                  torch.load(adapter_dir/'adapter_model.bin', map_location='cpu', weights_only=True).items()}
+    else: raise EvalError(f'{adapter_dir}: no adapter_model.safetensors (the adapter weights); the folder is '
+                          'incomplete, train again or pass another --adapter')
     mods = {}
     for k, shp in shapes.items():
         for part, slot, axis in (('.lora_A.', 0, 1), ('.lora_B.', 1, 0)):
@@ -137,35 +236,48 @@ def _same_model_name(a: str, b: str) -> bool:
     return Path(str(a).rstrip('/')).name.lower() == Path(str(b).rstrip('/')).name.lower()
 
 def check_adapter(adapter_dir, model_name_or_path: str, trust_remote_code: bool = False):
-    "Raise `EvalError` if the adapter in `adapter_dir` was not trained on `model_name_or_path` (by name or by shapes)."
+    "Raise `EvalError` if the adapter in `adapter_dir` is malformed or was not trained on `model_name_or_path`."
     adapter_dir = Path(adapter_dir)
-    try: acfg = json.loads((adapter_dir/'adapter_config.json').read_text(encoding='utf-8'))
-    except (OSError, json.JSONDecodeError) as e: raise EvalError(f'{adapter_dir/"adapter_config.json"}: cannot read it ({e}); the adapter folder is damaged') from None
+    acfg = check_adapter_config(adapter_dir)
     trained_on = acfg.get('base_model_name_or_path')
     problems = []
     if trained_on and not _same_model_name(trained_on, model_name_or_path):
-        problems.append(f'adapter_config.json base_model_name_or_path is {trained_on!r}, the config has model_name_or_path {model_name_or_path!r}')
+        problems.append(f'adapter_config.json base_model_name_or_path is {trained_on!r}, the config has '
+                        f'model_name_or_path {model_name_or_path!r}')
     from transformers import AutoConfig, AutoModelForCausalLM
-    try: mcfg = AutoConfig.from_pretrained(model_name_or_path, trust_remote_code=trust_remote_code)
-    except Exception as e: raise EvalError(f'model_name_or_path {model_name_or_path!r}: cannot read the base model config ({type(e).__name__}: {str(e).splitlines()[0]})') from None
+    try:
+        with offline_unless_reachable(model_name_or_path):
+            mcfg = AutoConfig.from_pretrained(model_name_or_path, trust_remote_code=trust_remote_code)
+    except Exception as e:
+        raise EvalError(f'model_name_or_path {model_name_or_path!r}: cannot read the base model config '
+                        f'({type(e).__name__}: {str(e).splitlines()[0]})') from None
     with torch.device('meta'): base = AutoModelForCausalLM.from_config(mcfg, trust_remote_code=trust_remote_code)
-    bad = []
-    for name, (i, o) in _adapter_modules(adapter_dir).items():
+    mods, bad = _adapter_modules(adapter_dir), []
+    t = acfg.get('target_modules')
+    if isinstance(t, str) and t != 'all-linear' and (miss := [n for n in mods if not re.fullmatch(t, n)]):
+        raise EvalError(f'{adapter_dir/"adapter_config.json"}: "target_modules" is {_short(t)}, which does not match '
+                        f'{len(miss)} of the {len(mods)} layers stored in the adapter, e.g. {miss[0]}; a pattern must '
+                        'match whole module names (or write the names as a list, e.g. ["q_proj", "v_proj"])')
+    for name, (i, o) in mods.items():
         try: w = base.get_submodule(name).weight
         except AttributeError: bad.append(f'{name}: not in the base model'); continue
-        if w.ndim == 2 and (i, o) != (w.shape[1], w.shape[0]): bad.append(f'{name}: {i}→{o} features in the adapter, {w.shape[1]}→{w.shape[0]} in the base')
+        if w.ndim == 2 and (i, o) != (w.shape[1], w.shape[0]):
+            bad.append(f'{name}: {i}→{o} features in the adapter, {w.shape[1]}→{w.shape[0]} in the base')
     if bad: problems.append(f'{len(bad)} adapted layer(s) do not fit, e.g. ' + '; '.join(bad[:2]))
-    if problems: raise EvalError(f'{adapter_dir}: this adapter does not match the base model: ' + '; '.join(problems) +
-                                 f'. Set model_name_or_path to the model the adapter was trained on{f" ({trained_on})" if trained_on else ""}, or pass the adapter trained on this one.')
+    if problems:
+        raise EvalError(f'{adapter_dir}: this adapter does not match the base model: ' + '; '.join(problems) +
+                        '. Set model_name_or_path to the model the adapter was trained on'
+                        f'{f" ({trained_on})" if trained_on else ""}, or pass the adapter trained on this one.')
 
 # %% ../nbs/07_infer.ipynb #ee6d9ccf
 def _load_merged(model_dir: Path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
     kw = dict(device_map='auto') if torch.cuda.is_available() else {}
-    return AutoModelForCausalLM.from_pretrained(model_dir, dtype='auto', **kw).eval(), AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype='auto', **kw).eval()
+    return model, AutoTokenizer.from_pretrained(model_dir)
 
 def load_for_inference(config, model_dir=None, adapter_dir=None):
-    "`(model, tokenizer)` for generation: an adapter on the 4-bit base (default: output_dir/lora_adapter) or a merged model."
+    "`(model, tokenizer)` to generate with: an adapter on the 4-bit base (default output_dir/lora_adapter) or a merged model."
     kind, path = find_model_source(config, model_dir, adapter_dir)
     if kind == 'model': return _load_merged(path)
     check_adapter(path, config.model_name_or_path, config.trust_remote_code)
@@ -187,6 +299,13 @@ class ChatLog:
     history: list   # the conversation at the end (since the last /reset), system prompt included
     replies: list   # every Generation, in order, across resets
 
+CHAT_COMMANDS = {'/help': 'list these commands', '/reset': 'forget the conversation (the system prompt stays)',
+                 '/exit': 'leave the chat (also /quit or Ctrl-D)'}
+
+def chat_help() -> str:
+    "The chat commands, one per line."
+    return ''.join(f'{k:<7} {v}\n' for k, v in CHAT_COMMANDS.items())
+
 def _print_piece(s): print(s, end='', flush=True)
 
 def chat(model, tokenizer,
@@ -195,7 +314,7 @@ def chat(model, tokenizer,
          write=_print_piece,  # receives the streamed reply text, piece by piece
          system: str | None = None,  # system prompt kept across /reset (config.data.default_system matches training)
         ) -> ChatLog:
-    "Chat with `model` turn by turn in the terminal; '/reset' clears the history, '/exit' or EOF ends."
+    "Chat with `model` turn by turn in the terminal; '/help' lists the commands, '/reset' clears, '/exit' or EOF ends."
     start = [dict(role='system', content=system)] if system else []
     history, replies = list(start), []
     while True:
@@ -203,14 +322,17 @@ def chat(model, tokenizer,
         except (EOFError, StopIteration, KeyboardInterrupt): break
         cmd = line.strip()
         if cmd in ('/exit', '/quit'): break
+        if cmd == '/help': write(chat_help()); continue
         if cmd == '/reset':
             history = list(start)
             write('(conversation cleared)\n')
             continue
+        if re.fullmatch(r'/\w+', cmd): write(f'unknown command {cmd}; /help lists the commands\n'); continue
         if not cmd: continue
         history.append(dict(role='user', content=line))
         g = generate(model, tokenizer, [history], settings, batch_size=1, streamer=write_streamer(tokenizer, write))[0]
-        write('\n' if g.stopped else f'\n(stopped at max_new_tokens={gen_config(model, tokenizer, settings).max_new_tokens})\n')
+        if g.stopped: write('\n')
+        else: write(f'\n(stopped at max_new_tokens={gen_config(model, tokenizer, settings).max_new_tokens})\n')
         history.append(dict(role='assistant', content=g.text))
         replies.append(g)
     return ChatLog(history, replies)

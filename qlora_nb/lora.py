@@ -6,7 +6,7 @@
 __all__ = ['lora_config', 'linear_module_names', 'LoraTargetError', 'check_targets', 'add_lora', 'trainable_report']
 
 # %% ../nbs/04_lora.ipynb #6534065c
-import difflib, warnings
+import difflib, functools, warnings
 from collections import Counter
 from torch import nn
 from .config import ConfigError, LoraSection
@@ -15,8 +15,8 @@ from .config import ConfigError, LoraSection
 def lora_config(lcfg: LoraSection):
     "A PEFT `LoraConfig` (causal LM) from the config's `lora_config` section."
     from peft import LoraConfig
-    return LoraConfig(r=lcfg.r, lora_alpha=lcfg.lora_alpha, lora_dropout=lcfg.lora_dropout,
-                      target_modules=lcfg.target_modules if lcfg.target_modules == 'all-linear' else list(lcfg.target_modules),
+    targets = lcfg.target_modules if lcfg.target_modules == 'all-linear' else list(lcfg.target_modules)
+    return LoraConfig(r=lcfg.r, lora_alpha=lcfg.lora_alpha, lora_dropout=lcfg.lora_dropout, target_modules=targets,
                       bias=lcfg.bias, use_rslora=lcfg.use_rslora, use_dora=lcfg.use_dora, task_type='CAUSAL_LM')
 
 # %% ../nbs/04_lora.ipynb #19edb895
@@ -42,8 +42,10 @@ def check_targets(target_modules, model):
     if not missing: return
     lin = linear_module_names(model)
     hints = [f'{t!r} -> {c[0]}' for t in missing if (c := difflib.get_close_matches(t, lin, n=1))]
-    raise LoraTargetError(f'lora_config.target_modules: {", ".join(map(repr, missing))} match{"es" if len(missing) == 1 else ""} no module of this model; '
-                          f'its linear modules are: {", ".join(lin)} (or use all-linear)' + (f'; did you mean {", ".join(hints)}?' if hints else ''))
+    raise LoraTargetError(f'lora_config.target_modules: {", ".join(map(repr, missing))} '
+                          f'match{"es" if len(missing) == 1 else ""} no module of this model; its linear modules are: '
+                          f'{", ".join(lin)} (or use all-linear)'
+                          + (f'; did you mean {", ".join(hints)}?' if hints else ''))
 
 # %% ../nbs/04_lora.ipynb #34ff390b
 def add_lora(model,  # the base from `load_model` (4-bit or not)
@@ -55,24 +57,33 @@ def add_lora(model,  # the base from `load_model` (4-bit or not)
     check_targets(config.lora_config.target_modules, model)
     gc = bool(config.training_args.get('gradient_checkpointing', False))
     kw = {'use_reentrant': False}
-    with warnings.catch_warnings():  # transformers 5.2x renamed gradient -> activation checkpointing; PEFT still calls the old names
-        warnings.filterwarnings('ignore', message='.*(is_gradient_checkpointing|gradient_checkpointing_enable).* deprecated', category=FutureWarning)
+    # transformers 5.2x renamed gradient -> activation checkpointing; PEFT still calls the old names
+    with warnings.catch_warnings():
+        warnings.filterwarnings('ignore', category=FutureWarning,
+                                message='.*(is_gradient_checkpointing|gradient_checkpointing_enable).* deprecated')
         if getattr(model, 'is_loaded_in_4bit', False) or getattr(model, 'is_loaded_in_8bit', False):
-            model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gc, gradient_checkpointing_kwargs=kw)
+            model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gc,
+                                                    gradient_checkpointing_kwargs=kw)
         elif gc:
-            if hasattr(model, 'activation_checkpointing_enable'): model.activation_checkpointing_enable(activation_checkpointing_kwargs=kw)
+            if hasattr(model, 'activation_checkpointing_enable'):
+                model.activation_checkpointing_enable(activation_checkpointing_kwargs=kw)
             else: model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kw)
             model.enable_input_require_grads()
         if gc: model.config.use_cache = False  # the KV cache is useless in training and clashes with checkpointing
         if seed is not None: set_seed(seed)
-        return get_peft_model(model, lora_config(config.lora_config))
+        model = get_peft_model(model, lora_config(config.lora_config))
+    # the base embeddings / lm_head never change here (no vocabulary resize): save the adapters only (see above)
+    model.save_pretrained = functools.partial(model.save_pretrained, save_embedding_layers=False)
+    return model
 
 # %% ../nbs/04_lora.ipynb #892e6f27
 def trainable_report(model) -> str:
     "Trainable / total parameters, the share, and which modules carry LoRA adapters."
     if hasattr(model, 'get_nb_trainable_parameters'): trainable, total = model.get_nb_trainable_parameters()
-    else: trainable, total = sum(p.numel() for p in model.parameters() if p.requires_grad), sum(p.numel() for p in model.parameters())
-    where = Counter(n.split('.')[-1] for n, m in model.named_modules() if hasattr(m, 'lora_A') and len(getattr(m, 'lora_A', {})))
+    else: trainable, total = (sum(p.numel() for p in model.parameters() if p.requires_grad),
+                              sum(p.numel() for p in model.parameters()))
+    where = Counter(n.split('.')[-1] for n, m in model.named_modules()
+                    if hasattr(m, 'lora_A') and len(getattr(m, 'lora_A', {})))
     mods = ', '.join(f'{k} x{v}' for k, v in sorted(where.items()))
     return (f'trainable params: {trainable:,} / {total:,} ({100 * trainable / total:.2f}%)'
             + (f'; LoRA on {sum(where.values())} modules: {mods}' if where else ''))
