@@ -53,7 +53,7 @@ class Check:
         pp = [str(REPO)] + [p for p in e.get('PYTHONPATH', '').split(os.pathsep) if p and Path(p).resolve() != REPO]
         e.update(PYTHONPATH=os.pathsep.join(pp), PYTHONUNBUFFERED='1', HF_HUB_OFFLINE='1', TRANSFORMERS_OFFLINE='1',
                  HF_DATASETS_OFFLINE='1', MPLBACKEND='Agg', TOKENIZERS_PARALLELISM='false',
-                 OMP_NUM_THREADS=str(self.a.threads), MKL_NUM_THREADS=str(self.a.threads))
+                 OMP_NUM_THREADS=str(self.a.threads), MKL_NUM_THREADS=str(self.a.threads), IPYTHONDIR=str(self.work/'ipython'))
         e.pop('QLORA_NB_MODEL', None)
         e.update({k: str(v) for k, v in extra.items()})
         return e
@@ -130,6 +130,15 @@ class Check:
         for p in procs: kill_tree(p)
 
 
+def free_gib(p: Path) -> float:
+    "Free disk where `p` is or would be created (0 if no parent folder exists)."
+    q = p
+    while not q.exists():
+        if q == q.parent: return 0.0
+        q = q.parent
+    return shutil.disk_usage(q).free / 2**30
+
+
 def kill_tree(p):
     "SIGKILL the child's whole process group (it was started in its own session)."
     try: os.killpg(p.pid, signal.SIGKILL)
@@ -141,7 +150,7 @@ def kill_tree(p):
 def failure_note(text):
     "The most telling line of a failed step's output: an error line, else the last line."
     lines = [l.strip() for l in text.splitlines() if l.strip()]
-    for pat in (r'^error: ', r'^\w*(Error|Exception)\b.*:', r'Error: ', r'^AssertionError', r'nbdev Tests Failed'):
+    for pat in (r'^error: ', r'^[\w.]*(Error|Exception|Interrupt|Exit)\b:', r'^[\w.]*(Error|Exception)\b', r'Error: ', r'nbdev Tests Failed'):
         hits = [l for l in lines if re.search(pat, l)]
         if hits: return hits[-1][:300]
     return (lines[-1] if lines else '(no output)')[:300]
@@ -368,7 +377,8 @@ def alllinear(c: Check, model: Path):
 
     def parse(r, t):
         mc = merge_figures(out/'final_model'); r['merge_check'] = mc
-        r['notes'] = '; '.join(x for x in (grab(t, r'^trained '), fmt_merge(mc) or grab(t, r'^final model|^error: |MergeCheckError')) if x)
+        r['notes'] = '; '.join(x for x in (r['notes'] if r['status'] != 'pass' else '', grab(t, r'^trained '),
+                                            fmt_merge(mc) or grab(t, r'^final model|^error: |MergeCheckError')) if x)
     c.run('alllinear', f'qlora_nb_train all-linear {steps} steps', cli(c, 'qlora_nb_train') + [REPO/'config.yaml'] + ov, c.a.step_timeout,
           cmdline=f"qlora_nb_train config.yaml {' '.join(ov)}", parse=parse)
     shutil.rmtree(out/'final_model', ignore_errors=True)
@@ -400,12 +410,14 @@ def main(argv=None):
     ap.add_argument('--threads', type=int, default=None, help='OMP_NUM_THREADS of each child (default cpus // 6, at least 1)')
     ap.add_argument('--steps', type=int, default=4, help='qlora_nb_train steps of the CLI sequence')
     ap.add_argument('--alllinear-steps', type=int, default=10)
-    ap.add_argument('--budget', type=float, default=540, help='seconds for the whole check; then everything still running is killed')
+    ap.add_argument('--budget', type=float, default=530, help='seconds for the whole check; then everything still running is killed')
     ap.add_argument('--nb-timeout', type=float, default=300, help='seconds per notebook (no flags)')
     ap.add_argument('--cuda-timeout', type=float, default=420, help='seconds per notebook with --flags cuda')
     ap.add_argument('--step-timeout', type=float, default=400, help='seconds per CLI command')
     ap.add_argument('--serial', action='store_true', help='run the phases one after another instead of side by side')
-    ap.add_argument('--work', default=None, help='scratch folder for the model and the runs (default: /tmp/gpucheck)')
+    ap.add_argument('--parallel', action='store_true', help='with --smoke: run the phases side by side as on the GPU')
+    ap.add_argument('--work', default=None, help='scratch folder for the model and the runs, ~50 GB (default: /tmp/gpucheck, or '
+                    '/var/tmp/gpucheck or the folder beside the repo if that has more free disk)')
     ap.add_argument('--out', default=os.environ.get('OUT') or 'gpu_check_out', help='where the result files go (default $OUT)')
     a = ap.parse_args(argv)
     only = set(filter(None, a.only.split(','))) or set(PHASES)
@@ -413,7 +425,8 @@ def main(argv=None):
     cpus = os.cpu_count() or 2
     a.workers = a.workers or (1 if a.smoke else 4)
     a.threads = a.threads or max(1, cpus // 6)
-    a.work = Path(a.work or '/tmp/gpucheck')
+    a.work = Path(a.work).resolve() if a.work else max((Path(p) for p in ('/tmp/gpucheck', '/var/tmp/gpucheck', REPO.parent/'gpucheck_work')),
+                                                       key=lambda p: free_gib(p))
     if not a.smoke and not a.tokenizer and (d := REPO/'.whl/qwen2.5-tokenizer').exists(): a.tokenizer = str(d)
     c = Check(a)
     print(f'gpu_check: phases {sorted(only)}, budget {a.budget:.0f} s, work {a.work}, out {c.out}', flush=True)
@@ -471,7 +484,7 @@ def main(argv=None):
             return run
 
         lanes = [guarded(l) for l in (lane_build, lane_nbdev, lane_cuda, lane_cli, lane_alllinear)]
-        if a.serial or a.smoke:
+        if a.serial or (a.smoke and not a.parallel):
             for lane in (lanes[0], lanes[3], lanes[4], lanes[1], lanes[2]): lane()
         else:
             ts = [threading.Thread(target=lane, daemon=True) for lane in lanes]
