@@ -133,6 +133,24 @@ for m in sorted(image_reqs):
         print(f'  {s:60} image: {known.get(m, "?"):10} {ok}')
 raise SystemExit(1 if extra or missing or bad else 0)
 EOF
+  echo; echo "cross-check with pip's own resolver (dry run for cp312; without bitsandbytes, whose torch==2.11 pins nvidia wheels"
+  echo "that the index here may not serve; the image's huggingface-hub pinned):"
+  echo 'huggingface-hub==1.33.0' > "$WORK/constraints.txt"
+  # shellcheck disable=SC2086
+  $PY -m pip install -q --disable-pip-version-check --dry-run --ignore-installed --report "$WORK/report.json" --target "$WORK/x" \
+    --python-version 3.12 --implementation cp --abi cp312 $PLATFORMS --only-binary=:all: -c "$WORK/constraints.txt" \
+    $(echo "$TOP" | tr ' ' '\n' | grep -v '^bitsandbytes' | tr '\n' ' ') 2>&1 | grep -v "Location 'file" || true
+  REPORT="$WORK/report.json" $PY - <<'EOF'
+import json, os, re
+canon = lambda n: re.sub(r'[-_.]+', '-', n).lower()
+inst = {canon(i['metadata']['name']): i['metadata']['version'] for i in json.load(open(os.environ['REPORT']))['install']}
+image = {canon(n) for n in os.environ['IMAGE'].split()}
+pins = {canon(r.split('==')[0]): r.split('==')[1] for r in os.environ['PINS'].split()}
+need = {n: v for n, v in inst.items() if n not in image}
+for n in sorted(need): print(f'  {n:26} {need[n]:12} {"= pin" if pins.get(n) == need[n] else "pin: " + str(pins.get(n))}')
+print('  pinned, not in this set:', sorted(set(pins) - set(need) - {'bitsandbytes'}) or 'none',
+      '(tzdata: a dependency of pandas, which the image brings with its own pandas)' if 'tzdata' in need else '')
+EOF
   ;;
 --check)
   PY312=${PY312:-$(ls /root/.pyenv/versions/3.12*/bin/python3.12 2>/dev/null | head -1 || true)}

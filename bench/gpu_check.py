@@ -104,7 +104,8 @@ class Check:
         tmp = self.out/'gpu_check.json.tmp'; tmp.write_text(json.dumps(res, indent=1, default=str)); tmp.replace(self.out/'gpu_check.json')
         tmp = self.out/'gpu_check.md.tmp'; tmp.write_text(self.markdown()); tmp.replace(self.out/'gpu_check.md')
 
-    def markdown(self):
+    def markdown(self, width=None):
+        "The result as markdown; `width` cuts each row's notes (the printed copy: the run tool keeps 12,000 characters)."
         i, m = self.info, self.monitor
         v = i.get('versions', {})
         lines = [f"## gpu_check ({'smoke, CPU' if self.a.smoke else 'GPU'}): {time.strftime('%Y-%m-%d %H:%M', time.localtime(self.t0))}, "
@@ -118,7 +119,8 @@ class Check:
                  '| phase | step | result | rc | s | notes |', '|---|---|---|---|---|---|']
         order = {p: k for k, p in enumerate(('preflight', 'build', 'nbdev', 'cuda', 'cli', 'alllinear'))}
         for r in sorted(self.steps, key=lambda r: (order.get(r['phase'], 9), r['step'] if r['phase'] in ('nbdev', 'cuda') else '')):
-            notes = str(r['notes']).replace('|', '\\|').replace('\n', ' ')
+            notes = str(r['notes']).replace('\n', ' ')
+            notes = (notes[:width] + ' …' if width and len(notes) > width else notes).replace('|', '\\|')
             lines.append(f"| {r['phase']} | {r['step']} | {'PASS' if r['status'] == 'pass' else r['status'].upper()} | {r['rc']} | {r['seconds']:.0f} | {notes} |")
         n = {s: sum(r['status'] == s for r in self.steps) for s in ('pass', 'fail', 'timeout', 'skipped')}
         lines += ['', f"{n['pass']} passed, {n['fail'] + n['timeout']} failed, {n['skipped']} skipped"]
@@ -236,6 +238,9 @@ print('BUILT', sum(f.stat().st_size for f in out.iterdir()) / 2**30, 'GiB')
 
 def build_model(c: Check):
     "The random-weight Qwen2.5-7B folder (or data/tiny_qwen with --smoke); None if it could not be made."
+    if c.a.model:
+        c.info['model'] = f'{c.a.model} (--model)'
+        return Path(c.a.model).resolve()
     if c.a.smoke:
         c.info['model'] = str(REPO/'data/tiny_qwen') + ' (tiny Qwen2, --smoke)'
         return REPO/'data/tiny_qwen'
@@ -320,9 +325,17 @@ def merge_figures(final_dir: Path):
 
 
 def fmt_merge(mc):
-    "The merge check's scalar figures, whatever its keys (export.check_merge decides them)."
+    """The merge check's figures on one line, whatever its keys (export.check_merge decides them): verdicts and the weight-space
+    check first, then the distribution distances, then the rest; nested dicts flattened one level (weights.max_err_over_bound)."""
     if not mc: return ''
-    return 'merge check: ' + ', '.join(f'{k} {v}' for k, v in mc.items() if not isinstance(v, (dict, list)))[:600]
+    flat = {}
+    for k, v in mc.items():
+        if isinstance(v, dict): flat.update({f'{k}.{k2}': v2 for k2, v2 in v.items() if not isinstance(v2, (dict, list))})
+        elif isinstance(v, list): flat[k] = '; '.join(map(str, v)) if v else None
+        else: flat[k] = v
+    order = [r'problems', r'^passed$', r'\.passed$', r'bound', r'worst', r'layers', r'dtype', r'kl', r'loss', r'logit', r'agree']
+    rank = lambda k: next((i for i, pat in enumerate(order) if re.search(pat, k)), len(order))
+    return 'merge check: ' + ', '.join(f'{k} {flat[k]}' for k in sorted(flat, key=rank) if flat[k] is not None)[:900]
 
 
 def eval_note(text):
@@ -350,8 +363,9 @@ def cli_sequence(c: Check, model: Path, train_done: threading.Event):
     def p_train(r, t):
         mc = merge_figures(out/'final_model')
         r['merge_check'] = mc
-        r['notes'] = '; '.join(x for x in (r['notes'] if r['status'] != 'pass' else '', grab(t, r'^trained '), fmt_merge(mc) or grab(t, r'^final model'),
-                                            'checkpoints: ' + ','.join(sorted(p.name for p in out.glob('checkpoint-*')))) if x)
+        r['notes'] = '; '.join(x for x in (r['notes'] if r['status'] != 'pass' else '', grab(t, r'^trained '),
+                                            'checkpoints: ' + ','.join(sorted(p.name for p in out.glob('checkpoint-*'))),
+                                            fmt_merge(mc) or grab(t, r'^final model')) if x)
     c.run('cli', 'qlora_nb_train', cli(c, 'qlora_nb_train') + [cfg] + ov, T, cmdline=show('qlora_nb_train'), parse=p_train)
     shutil.rmtree(out/'final_model', ignore_errors=True)  # 15 GB: qlora_nb_merge writes it again below
     train_done.set()
@@ -404,9 +418,11 @@ def main(argv=None):
     ap.add_argument('--tokenizer', help='folder with the Qwen2.5 tokenizer files (vocab.json, merges.txt, tokenizer_config.json)')
     ap.add_argument('--only', default='', help='comma-separated phases to run: nbdev, cuda, cli (cli includes the all-linear case)')
     ap.add_argument('--nbs', default='', help='comma-separated regexes: test only notebooks whose name matches one')
+    ap.add_argument('--model', help='use this model folder instead of building the random 7B (e.g. a local Qwen2.5-7B-Instruct)')
     ap.add_argument('--smoke', action='store_true', help='on a CPU: data/tiny_qwen instead of the 7B, tiny steps')
     ap.add_argument('--workers', type=int, default=None, help='notebooks tested at once, no flags (default 4 on a GPU, 1 with --smoke)')
-    ap.add_argument('--cuda-workers', type=int, default=1, help='notebooks tested at once with --flags cuda (default 1: their cuda cells load the 7B)')
+    ap.add_argument('--cuda-workers', type=int, default=2, help='notebooks tested at once with --flags cuda (each cuda cell loads the 7B in '
+                    '4 bits, ~6-20 GiB; they train into temp dirs)')
     ap.add_argument('--threads', type=int, default=None, help='OMP_NUM_THREADS of each child (default cpus // 6, at least 1)')
     ap.add_argument('--steps', type=int, default=4, help='qlora_nb_train steps of the CLI sequence')
     ap.add_argument('--alllinear-steps', type=int, default=10)
@@ -433,8 +449,7 @@ def main(argv=None):
     stop = threading.Event()
     threading.Thread(target=monitor, args=(c, stop), daemon=True).start()
     try:
-        preflight(c)
-        model_ready, train_done = threading.Event(), threading.Event()
+        model_ready, train_done, checked = threading.Event(), threading.Event(), threading.Event()
         holder = {}
 
         def lane_build():
@@ -442,6 +457,7 @@ def main(argv=None):
             model_ready.set()
 
         def lane_nbdev():
+            checked.wait()  # preflight may move a carried datasets aside that cannot import: before any notebook imports it
             if 'nbdev' not in only: return
             files = notebooks(c)
             files.sort(key=lambda f: not has_flag(f, 'cuda'))  # those the cuda phase needs first: it waits for none
@@ -449,7 +465,7 @@ def main(argv=None):
 
         def lane_cuda():
             if 'cuda' not in only: return
-            model_ready.wait()
+            checked.wait(); model_ready.wait()
             files = notebooks(c, cuda_only=True)
             if holder.get('model') is None:
                 for f in files: c.record(dict(phase='cuda', step=f.stem, cmd='', rc=None, seconds=0.0, status='skipped', notes='no model (build failed)'), '')
@@ -458,7 +474,7 @@ def main(argv=None):
 
         def lane_cli():
             if 'cli' not in only: return
-            model_ready.wait()
+            checked.wait(); model_ready.wait()
             if holder.get('model') is None:
                 c.record(dict(phase='cli', step='(all)', cmd='', rc=None, seconds=0.0, status='skipped', notes='no model (build failed)'), ''); return
             cli_sequence(c, holder['model'], train_done)
@@ -480,12 +496,16 @@ def main(argv=None):
                                   status='fail', notes=f'{type(e).__name__}: {e}'[:300]), traceback.format_exc())
                 finally:
                     if lane is lane_build: model_ready.set()
+                    if lane is lane_preflight: checked.set()
                     if lane is lane_cli: train_done.set()
             return run
 
-        lanes = [guarded(l) for l in (lane_build, lane_nbdev, lane_cuda, lane_cli, lane_alllinear)]
+        def lane_preflight(): preflight(c)
+
+        # the build (GPU, ~30 s) starts with the preflight; the rest wait for the preflight
+        lanes = [guarded(l) for l in (lane_build, lane_preflight, lane_nbdev, lane_cuda, lane_cli, lane_alllinear)]
         if a.serial or (a.smoke and not a.parallel):
-            for lane in (lanes[0], lanes[3], lanes[4], lanes[1], lanes[2]): lane()
+            for lane in (lanes[1], lanes[0], lanes[4], lanes[5], lanes[2], lanes[3]): lane()
         else:
             ts = [threading.Thread(target=lane, daemon=True) for lane in lanes]
             for t in ts: t.start()
@@ -506,9 +526,9 @@ def print_summary(c: Check):
     "Failures' output tails, the versions, then the table (the run tool keeps the last 12,000 characters)."
     bad = [r for r in c.steps if r['status'] in ('fail', 'timeout')]
     if bad: print('\n=== failures (each step\'s full output tail: gpu_check_logs.txt) ===')
-    for r in bad[:8]:
+    for r in bad[:6]:
         log = c.work/'logs'/f"{r['phase']}-{re.sub(r'[^A-Za-z0-9_.-]', '_', r['step'])}.log"
-        tail = log.read_text(errors='replace')[-700:] if log.exists() else ''
+        tail = log.read_text(errors='replace')[-600:] if log.exists() else ''
         print(f"--- {r['phase']} / {r['step']} ({r['status']}, rc {r['rc']}):\n{tail.rstrip()}")
     v = c.info.get('versions', {})
     print('\n=== versions ===')
@@ -516,7 +536,7 @@ def print_summary(c: Check):
                                                 'datasets', 'nbdev', 'tokenizers', 'huggingface_hub')) + f"; GPU: {c.info.get('gpu')}")
     if c.info.get('datasets_disabled'): print('NOTE:', c.info['datasets_disabled'])
     print(f'results: {c.out}/gpu_check.md, gpu_check.json, gpu_check_logs.txt\n')
-    print(c.markdown())
+    print(c.markdown(width=240))
 
 
 if __name__ == '__main__': sys.exit(main())
