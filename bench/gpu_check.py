@@ -14,9 +14,16 @@ Phases (each step is a child process with its own timeout; a failure is recorded
              16 new tokens), qlora_nb_generate, qlora_nb_merge; and `alllinear`: qlora_nb_train with
              lora_config.target_modules=all-linear for 10 steps on the shipped (variable-length) data, which must
              export final_model/ through the merge check (issue 7)
-The phases run side by side where they can (nbdev from the start; cuda, cli and alllinear once the model is built), so
-the whole check fits one `run` call. Results: a markdown table printed last, and gpu_check.md, gpu_check.json and
-gpu_check_logs.txt (every step's output tail) in $OUT (default ./gpu_check_out), rewritten after every step.
+The phases run side by side where they can, so the whole check fits one `run` call (--budget 530 s, then whatever still
+runs is killed and reported): the build starts with the preflight; nbdev (4 notebooks at a time, those with cuda cells
+first) after the preflight; cuda (2 at a time; a notebook never runs in both phases at once) and the CLI chain once the
+model is built; alllinear once the CLI's train step is done. Disk: the 7B is 15 GB and each merged final_model/ another
+15 GB, so the chain deletes final_model/ after reading its merge check (training_config.json); peak ~45 GB + what the
+cuda cells write. Results: a markdown table printed last (versions above it), and gpu_check.md, gpu_check.json and
+gpu_check_logs.txt (each step's command and output tail) in $OUT (default ./gpu_check_out), rewritten after every step.
+Exit status 0 when every step passed.
+
+Wheels: bench/carry_wheels.sh puts what the image lacks (bitsandbytes, nbdev, ...) and the tokenizer files in .whl/.
 
   python3 bench/gpu_check.py --tokenizer .whl/qwen2.5-tokenizer            # the whole check on the GPU machine
   python3 bench/gpu_check.py --tokenizer DIR --only cuda --nbs 07_infer    # rerun a part
