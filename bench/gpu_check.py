@@ -88,6 +88,7 @@ class Check:
         rec['seconds'] = round(now() - t, 1)
         text = log.read_text(errors='replace')
         if rc is None: rec.update(status='timeout', notes=f'killed after {timeout:.0f} s')
+        elif rc < 0 and self.stopping: rec.update(rc=rc, status='timeout', notes='killed at the --budget deadline')
         else:
             rec.update(rc=rc, status='pass' if rc == 0 else 'fail')
             if rc != 0: rec['notes'] = failure_note(text)
