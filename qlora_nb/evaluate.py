@@ -4,7 +4,7 @@
 
 # %% ../nbs/08_evaluate.ipynb #24551303
 from __future__ import annotations
-import json, logging, math, time
+import contextlib, json, logging, math, time
 from dataclasses import dataclass, field
 from pathlib import Path
 import torch
@@ -14,7 +14,7 @@ from .chatml import PadCollator, examples
 from .model import free_memory, input_device, load_model, load_tokenizer
 from .infer import (EvalError, Generation, _load_merged, _settings_dict, check_adapter, find_model_source,
                             generate)
-from .train import METRICS, plot_loss_curve, read_metrics
+from .train import METRICS, output_lock, plot_loss_curve, read_metrics, record_outputs
 
 log = logging.getLogger(__name__)
 
@@ -332,7 +332,11 @@ def evaluate(config,            # a Config from load_config
                      encoding=str(report), n_records=report.n_records, max_length=report.max_length,
                      too_long=sum('max_length' in why for _, why in report.dropped), trainer_batch_size=tbs)
     res.seconds = time.time() - t0
-    write_results(res, Path(out_dir) if out_dir else config.output_dir/'eval', config.output_dir/METRICS)
+    out, run_dir = Path(out_dir) if out_dir else config.output_dir/'eval', Path(config.output_dir)
+    ours = out.parent.resolve() == run_dir.resolve()  # output_dir/eval: written under the run's lock, recorded as ours
+    with output_lock(run_dir, 'eval') if ours else contextlib.nullcontext():
+        if ours: record_outputs(run_dir, out.name)
+        write_results(res, out, run_dir/METRICS)
     return res
 
 # %% ../nbs/08_evaluate.ipynb #caebde6f

@@ -12,6 +12,7 @@ import transformers
 from .config import Config
 from .chatml import examples
 from .model import free_memory, input_device, keep_cpu_layout, load_model, load_tokenizer
+from .infer import check_adapter
 from .train import (METRICS, STAGING, TRASH, TrainError, TrainInterrupted, find_last_checkpoint, model_compute_dtype, output_lock,
                             publish_dir, read_metrics, record_outputs, run_manifest, summarize_metrics)
 
@@ -328,6 +329,7 @@ def merge_adapter(config: Config,  # the run's config (base model, quantization,
                          (f'the newest checkpoint has one: merge_adapter(config, adapter_dir="{last}") or qlora_nb_merge with that folder' if last else
                           'train first (qlora_nb_train), or give the folder of an adapter'))
     if probs := adapter_problems(adapter_dir): raise MergeCheckError(f'{adapter_dir}: not merged: {"; ".join(probs)}. Nothing was written')
+    check_adapter(adapter_dir, config.model_name_or_path, config.trust_remote_code)  # its config and shapes, before PEFT reads it
     staging, existed = out_dir.parent/f'{STAGING}-{out_dir.name}-{os.getpid()}', out_dir.exists()
     try:
         with output_lock(out, 'merge'), exact_float32():
