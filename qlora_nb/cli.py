@@ -106,7 +106,8 @@ def preview_records(config_path,  # the YAML config
     for ex in encoded:
         if as_json: print(json.dumps(preview_json(ex, tok), ensure_ascii=False)); continue
         n_trained = sum(l != -100 for l in ex['labels'])
-        print(f"── {cfg.dataset_path.name}:{ex['_line']}: {len(ex['input_ids'])} tokens, {n_trained} trained (⟦marked⟧) ──")
+        print(f"── {cfg.dataset_path.name}:{ex['_line']}: {len(ex['input_ids'])} tokens, "
+              f'{n_trained} trained (⟦marked⟧) ──')
         print(preview(ex, tok, html=False))
     if report.dropped or report.cut: print(f'note: {report}', file=sys.stderr)
 

@@ -115,7 +115,8 @@ class Config:
     model_name_or_path: str  # a Hub id (Qwen/Qwen2.5-7B-Instruct) or a local folder
     dataset_path: Path  # JSONL records
     output_dir: Path  # checkpoints, lora_adapter/, final_model/, eval/
-    resume_from_checkpoint: bool | Path = True  # true: newest checkpoint in output_dir; a path: that checkpoint; false: fresh
+    # true: the newest checkpoint in output_dir; a path: that checkpoint; false: start fresh
+    resume_from_checkpoint: bool | Path = True
     trust_remote_code: bool = False  # run model code from the Hub (off unless you trust it)
     quantization_config: QuantizationConfig = field(default_factory=QuantizationConfig)
     lora_config: LoraSection = field(default_factory=LoraSection)
@@ -378,7 +379,8 @@ def _build(cls, data, where, prefix=''):
                 raise ConfigError(f'{where("")}{key}: missing required key (expected {_describe(f.type)})')
             continue
         v = data[name]
-        if dataclasses.is_dataclass(f.type): kw[name] = _build(f.type, v if v is not None else {}, where, key + '.'); continue
+        if dataclasses.is_dataclass(f.type):
+            kw[name] = _build(f.type, v if v is not None else {}, where, key + '.'); continue
         try: kw[name] = check_value(v, f.type)
         except TypeError as e: raise ConfigError(f'{where(key)}{key}: {e}') from None
         if msg := check_rule(key, kw[name]): raise ConfigError(f'{where(key)}{key}: {msg}')
