@@ -444,6 +444,19 @@ def _check_paths(config, raw: dict, where, data: bool = True):
             raise ConfigError(f'{where("output_dir")}output_dir: {out} holds {what} ({p}){own}')
 
 # %% ../nbs/00_config.ipynb #4589e4fb
+@dataclass
+class _Where:
+    "Called with a key path, the `file:line: ` or `override '...': ` that set it, for error messages."
+    path: Path
+    lines: dict  # key path -> line in the file
+    overridden: dict  # key path -> the override that set it
+
+    def __call__(self, key: str) -> str:
+        for k, o in self.overridden.items():
+            if key == k or key.startswith(k + '.'): return f'override {o!r}: '
+        line = self.lines.get(key)
+        return f'{self.path}:{line}: ' if line else f'{self.path}: '
+
 def load_config(path,  # the YAML config file
                 overrides=None,  # ['dotted.key=value', ...]
                 data: bool = True  # check that the dataset files exist (generation needs only the model: False)
@@ -451,12 +464,7 @@ def load_config(path,  # the YAML config file
     "Load the YAML config at `path`, apply `overrides` and return a validated `Config` with resolved paths."
     path = Path(path).expanduser().resolve()
     data_, lines = read_yaml(path)
-    overridden = {apply_override(data_, o): o for o in (overrides or [])}
-    def where(key):
-        for k, o in overridden.items():
-            if key == k or key.startswith(k + '.'): return f'override {o!r}: '
-        line = lines.get(key)
-        return f'{path}:{line}: ' if line else f'{path}: '
+    where = _Where(path, lines, {apply_override(data_, o): o for o in (overrides or [])})
     cfg = _build(Config, data_, where)
     base = path.parent
     cfg.model_name_or_path = resolve_model_path(cfg.model_name_or_path, base)
