@@ -114,23 +114,27 @@ def preview_records(config_path,  # the YAML config
 # %% ../nbs/09_cli.ipynb #04cb63ff
 def train_run(config_path,  # the YAML config
               overrides=None,  # ['key=value', ...]
-              overwrite=False,  # delete an earlier run's checkpoints and outputs in output_dir
-              verbose=False  # debug logging
+              overwrite=False,  # delete what an earlier run wrote in output_dir and start again
+              verbose=False,  # debug logging
+              allow_config_change=False  # resume from a checkpoint trained with other settings
              ):
     "Train as the config says, merge the adapter into final_model/, and print a summary of what was written."
     cfg = _config(config_path, overrides)
     check_training_args(cfg)
     from qlora_nb.train import train
     from qlora_nb.export import merge_adapter
-    r = train(cfg, overwrite=overwrite, verbose=verbose)
+    r = train(cfg, overwrite=overwrite, verbose=verbose, allow_config_change=allow_config_change)
     if r.adapter_dir is None: return r  # not the main process of a multi-process run: the main one merges and reports
-    m = r.metrics
+    m, finished = r.metrics, r.steps_trained == 0  # finished: a rerun of a run that had nothing left to train
     loss = (f"loss {_num(m['first_loss'])} -> {_num(m['last_loss'])}" if m['first_loss'] is not None else
             'no loss logged (training_args.logging_steps is larger than the steps trained)')
-    print(f"trained {m['steps']} steps in {m['runtime']:.0f} s: {loss}"
-          + (f", eval loss {_num(m['eval_loss'])}" if m.get('eval_loss') is not None else '')
-          + (f' (resumed from {r.resumed_from.name})' if r.resumed_from else ''))
+    print((f"already trained {m['steps']} steps" if finished else f"trained {m['steps']} steps in {m['runtime']:.0f} s")
+          + f': {loss}' + (f", eval loss {_num(m['eval_loss'])}" if m.get('eval_loss') is not None else '')
+          + (f' (resumed from {r.resumed_from.name})' if r.resumed_from and not finished else ''))
     print(f'adapter        {r.adapter_dir}')
+    if finished and (r.output_dir/'final_model'/'config.json').is_file():
+        print(f"final model    {r.output_dir/'final_model'} (already written: nothing to do)")
+        return r
     mr = merge_adapter(cfg, r.adapter_dir, metrics=m)
     c = mr.check
     print(f"final model    {mr.final_model_dir} (merge check: max |Δlogit| {c['max_abs_logit_diff']:.2g}, "
@@ -192,7 +196,7 @@ def chat_run(config_path, system=None, model=None, adapter=None, overrides=None,
 
 # %% ../nbs/09_cli.ipynb #8e8f24de
 EXIT_HELP = ('exit status: 0 ok; 1 bad data; 2 bad config, command line, model or tokenizer; 3 training or merge failed; '
-             '4 disk full or read-only; 130 interrupted')
+             '4 disk full or read-only; 5 output folder in use by another command; 130 interrupted')
 
 def cli_parser(func):
     "The `argparse` parser of command function `func`: its parameters, `--version` and the exit statuses."
@@ -236,11 +240,13 @@ def preview_cli(config: str,  # path of the YAML config
 @command
 def train_cli(config: str,  # path of the YAML config
               overrides: Overrides = None,
-              overwrite: bool = False,  # delete an earlier run's checkpoints and outputs in output_dir and start again
-              verbose: bool = False  # debug logging
+              overwrite: bool = False,  # delete what an earlier run wrote in output_dir and start again
+              verbose: bool = False,  # debug logging
+              allow_config_change: bool = False  # resume from a checkpoint trained with other settings (see the message)
              ):
     "Fine-tune with QLoRA, then merge; rerun the same command to resume after an interruption."
-    return run_command(train_run, config, overrides, overwrite=overwrite, verbose=verbose)
+    return run_command(train_run, config, overrides, overwrite=overwrite, verbose=verbose,
+                       allow_config_change=allow_config_change)
 
 @command
 def merge_cli(config: str,  # path of the run's YAML config
