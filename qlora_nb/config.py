@@ -5,9 +5,9 @@
 # %% auto #0
 __all__ = ['DEFAULT_SYSTEM', 'EXIT_OK', 'EXIT_DATA', 'EXIT_CONFIG', 'EXIT_TRAIN', 'EXIT_IO', 'EXIT_LOCKED', 'EXIT_INTERRUPTED',
            'MAX_YAML_VALUES', 'RULES', 'QloraError', 'ConfigError', 'as_command', 'option', 'QuantizationConfig',
-           'LoraSection', 'DataSection', 'EvalSection', 'ExportSection', 'Config', 'Loader', 'yaml_size', 'parse_yaml',
-           'read_yaml', 'check_value', 'check_rule', 'training_arg_types', 'apply_override', 'resolve_model_path',
-           'load_config', 'check_training_args']
+           'LoraSection', 'DataSection', 'EvalSection', 'ExportSection', 'TrainingSection', 'Config', 'Loader',
+           'yaml_size', 'parse_yaml', 'read_yaml', 'check_value', 'check_rule', 'training_arg_types', 'apply_override',
+           'resolve_model_path', 'load_config', 'check_training_args']
 
 # %% ../nbs/00_config.ipynb #ba1da746
 import contextvars, copy, dataclasses, difflib, enum, functools, importlib.metadata, json, operator, os, re, shlex
@@ -108,6 +108,24 @@ class ExportSection:
         return (self.max_abs_logit_diff if self.max_abs_logit_diff is not None else 0.05 if wide else 1.0,
                 self.min_token_agreement if self.min_token_agreement is not None else 0.99 if wide else 0.8)
 
+# %% ../nbs/00_config.ipynb #b1852692
+@dataclass
+class TrainingSection:
+    "How training runs: packing, kernels, compile and checkpointing (`style: seed` turns all of them off)."
+    style: Literal['fast', 'seed'] = 'fast'  # seed: one example per row, float32 k-bit prep, the Trainer's checkpointing
+    packing: bool = True  # an optimizer step's examples packed into rows, each example attending only to itself
+    tokens_per_row: int | None = None  # most tokens in one row (one forward pass); null: what memory_budget_gib allows
+    memory_budget_gib: float | None = None  # GPU memory this run may take; null: what the GPU has free at the start
+    # attention kernel for packed rows; auto: varlen (torch's FlashAttention) on a GPU that has it, else flex, else sdpa
+    attention: Literal['auto', 'sdpa', 'flex', 'varlen'] = 'auto'
+    compile: bool | Literal['auto'] = 'auto'  # torch.compile each decoder layer; auto: on a GPU
+    # recompute activations in the backward pass: auto (per row, as few layers as memory_budget_gib needs; without a GPU
+    # as training_args.gradient_checkpointing says), all, none, or the number of layers
+    checkpointing: Literal['auto', 'all', 'none'] | int = 'auto'
+    lean_prep: bool = True  # keep norms, embeddings and the head in the compute dtype (PEFT upcasts them to float32)
+    chunked_loss: bool = True  # the loss over the vocabulary a chunk of tokens at a time, never all logits at once
+    liger: bool | Literal['auto'] = 'auto'  # Liger kernels (liger-kernel); auto: on a GPU when installed and compile is off
+
 # %% ../nbs/00_config.ipynb #b7bf214a
 @dataclass
 class Config:
@@ -121,6 +139,7 @@ class Config:
     quantization_config: QuantizationConfig = field(default_factory=QuantizationConfig)
     lora_config: LoraSection = field(default_factory=LoraSection)
     training_args: dict = field(default_factory=dict)  # any transformers.TrainingArguments field
+    training: TrainingSection = field(default_factory=TrainingSection)  # how training runs (fast or seed style)
     data: DataSection = field(default_factory=DataSection)
     eval: EvalSection = field(default_factory=EvalSection)
     export: ExportSection = field(default_factory=ExportSection)
@@ -263,6 +282,9 @@ RULES = {
     'training_args.per_device_eval_batch_size': _pos('a positive integer'),
     'training_args.gradient_accumulation_steps': _pos('a positive integer'),
     'training_args.warmup_steps': (lambda v: v >= 0, 'a number >= 0 (a step count, or a fraction < 1 of the steps)'),
+    'training.tokens_per_row': _pos('a positive integer'), 'training.memory_budget_gib': _pos('a positive number'),
+    'training.checkpointing': (lambda v: not isinstance(v, int) or v >= 0,
+                               "auto, all, none or a number of layers >= 0"),
 }
 
 def check_rule(key, value):
@@ -443,6 +465,19 @@ def _check_paths(config, raw: dict, where, data: bool = True):
         if out == folder or out in folder.parents:
             raise ConfigError(f'{where("output_dir")}output_dir: {out} holds {what} ({p}){own}')
 
+# %% ../nbs/00_config.ipynb #8f7f3877
+def _check_training(config, where):
+    "Refuse `training` settings that contradict the rest of `config`."
+    t, key = config.training, 'training.tokens_per_row'
+    if t.tokens_per_row is not None and t.tokens_per_row < config.data.max_length:
+        raise ConfigError(f'{where(key)}{key}: {t.tokens_per_row} is less than data.max_length ({config.data.max_length}): '
+                          'a row must hold the longest example; raise it, or lower data.max_length')
+    gc = [k for k in ('gradient_checkpointing', 'activation_checkpointing') if k in config.training_args]
+    if t.style == 'fast' and t.checkpointing != 'auto' and gc:
+        key = 'training.checkpointing'
+        raise ConfigError(f'{where(key)}{key}: set together with training_args.{gc[0]}; in the fast style '
+                          f'{key} decides (training_args.{gc[0]} is what style: seed uses): remove one of them')
+
 # %% ../nbs/00_config.ipynb #4589e4fb
 @dataclass
 class _Where:
@@ -474,6 +509,7 @@ def load_config(path,  # the YAML config file
     cfg.config_path, cfg._where = path, where
     raw = {**data_, 'data.eval_dataset_path': (data_.get('data') or {}).get('eval_dataset_path')}
     _check_paths(cfg, raw, where, data)
+    _check_training(cfg, where)
     return cfg
 
 # %% ../nbs/00_config.ipynb #d13d118c
