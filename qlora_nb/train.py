@@ -5,18 +5,22 @@
 # %% ../nbs/05_train.ipynb #27898a28
 from __future__ import annotations
 import contextlib, dataclasses, hashlib, json, logging, math, os, platform, re, shutil, socket, subprocess, sys, time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
 import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 import transformers
 from transformers import Trainer, TrainerCallback, TrainerState, TrainingArguments
 from transformers.trainer_callback import ProgressCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
-from .config import Config, ConfigError, QloraError, EXIT_TRAIN, EXIT_INTERRUPTED
+from .config import Config, ConfigError, QloraError, EXIT_LOCKED, EXIT_TRAIN, EXIT_INTERRUPTED, check_training_args, option
 from .chatml import TRUNCATION, PadCollator, examples
-from .model import compute_dtype, free_memory, load_tokenizer, load_model
+from .model import compute_dtype, free_memory, input_device, is_fsdp, load_tokenizer, load_model
 from .lora import add_lora
+from .packing import (ROWS, VARLEN, PackCollator, PackedTrainerMixin, _round_up, attention_kernel, example_lengths,
+                              use_packing, varlen_kwargs)
 
 try: import fcntl
 except ImportError: fcntl = None  # Windows: an O_EXCL lock file instead of flock (see output_lock)
@@ -24,20 +28,21 @@ except ImportError: fcntl = None  # Windows: an O_EXCL lock file instead of floc
 _log = logging.getLogger(__name__)
 
 # %% auto #0
-__all__ = ['EXIT_LOCKED', 'LOCK', 'OUTPUT_MANIFEST', 'STAGING', 'TRASH', 'CHECKSUMS', 'RUN_INFO', 'OUTPUTS', 'TRAIN_OUTPUTS',
-           'FINGERPRINT_ARGS', 'STOP_ARGS', 'SHAPE_KEYS', 'KEPT_FROM_CHECKPOINT', 'METRICS', 'LIBRARIES', 'DROP_WARN',
-           'TrainError', 'TrainInterrupted', 'OutputLocked', 'writable_dir', 'describe_holder', 'output_lock',
-           'record_outputs', 'forget_outputs', 'owned_outputs', 'checkpoint_step', 'sha256_file', 'write_checksums',
-           'checkpoint_problems', 'list_checkpoints', 'find_last_checkpoint', 'discard_dir', 'publish_dir',
-           'rotate_checkpoints', 'clean_leftovers', 'QLoRATrainer', 'resolve_resume', 'base_model_info',
+__all__ = ['LOCK', 'OUTPUT_MANIFEST', 'STAGING', 'TRASH', 'CHECKSUMS', 'RUN_INFO', 'OUTPUTS', 'TRAIN_OUTPUTS', 'FINGERPRINT_ARGS',
+           'STOP_ARGS', 'SHAPE_KEYS', 'KEPT_FROM_CHECKPOINT', 'METRICS', 'CE_CHUNK', 'GiB', 'ROW_SIZES', 'LIBRARIES',
+           'DROP_WARN', 'TrainError', 'TrainInterrupted', 'OutputLocked', 'writable_dir', 'describe_holder',
+           'output_lock', 'record_outputs', 'forget_outputs', 'owned_outputs', 'checkpoint_step', 'sha256_file',
+           'write_checksums', 'checkpoint_problems', 'list_checkpoints', 'find_last_checkpoint', 'discard_dir',
+           'publish_dir', 'rotate_checkpoints', 'clean_leftovers', 'QLoRATrainer', 'resolve_resume', 'base_model_info',
            'run_fingerprint', 'fingerprint_changes', 'check_resume', 'training_arguments', 'read_metrics',
-           'MetricsLogger', 'plot_loss_curve', 'oom_advice', 'diverged', 'NonFiniteGuard', 'nonfinite_tensors',
-           'align_config_tokens', 'QuietEvalProgress', 'library_versions', 'source_commit', 'report_dict',
-           'run_manifest', 'summarize_metrics', 'TrainResult', 'report_examples', 'model_compute_dtype', 'train']
+           'MetricsLogger', 'plot_loss_curve', 'chunked_lm_loss', 'model_compute_dtype', 'use_chunked_loss',
+           'MemoryModel', 'usable_bytes', 'memory_model', 'decoder_layers', 'checkpoint_layers', 'compile_layers',
+           'uncompile_layers', 'liger_problem', 'apply_liger', 'SpeedPlan', 'wants_checkpointing', 'speed_plan',
+           'apply_speed', 'oom_advice', 'diverged', 'NonFiniteGuard', 'nonfinite_tensors', 'align_config_tokens',
+           'QuietEvalProgress', 'setup_training', 'library_versions', 'source_commit', 'report_dict', 'run_manifest',
+           'summarize_metrics', 'TrainResult', 'report_examples', 'train']
 
 # %% ../nbs/05_train.ipynb #4d658fbe
-EXIT_LOCKED = 5  # exit status of a command refused because another process holds the output folder's lock
-
 class TrainError(QloraError, RuntimeError):
     "Training or export stopped; the message says why and what to do."
     exit_code = EXIT_TRAIN
@@ -331,8 +336,8 @@ def clean_leftovers(output_dir) -> list[str]:
     return gone
 
 # %% ../nbs/05_train.ipynb #c263eae2
-class QLoRATrainer(Trainer):
-    "A `Trainer` whose checkpoints appear atomically and verifiably, and that stops on a non-finite loss."
+class QLoRATrainer(PackedTrainerMixin, Trainer):
+    "A `Trainer` whose checkpoints appear atomically and verifiably, that stops on a non-finite loss, and that trains packed rows."
     run_info: dict | None = None  # written into each checkpoint as qlora_nb_run.json (`train` sets it)
     _staging_name: str | None = None
 
@@ -412,7 +417,7 @@ def resolve_resume(config: Config, overwrite: bool = False) -> Path | None:
         if foreign: msg.append(f'{out} holds {", ".join(foreign)}, named like the outputs of a run but not written by qlora_nb '
                                f'(not listed in {OUTPUT_MANIFEST})')
         if held: msg.append(', '.join(f'{n} holds {p}, an input of this run' for n, p in held.items()))
-        raise TrainError('; '.join(msg) + '. qlora_nb never writes over or deletes what it did not write, with or without --overwrite: '
+        raise TrainError('; '.join(msg) + f'. qlora_nb never writes over or deletes what it did not write, with or without {option("overwrite")}: '
                          'move them out of the folder, or choose another output_dir. (Outputs of a qlora_nb version without the manifest '
                          f'can be claimed with qlora_nb.train.record_outputs(output_dir, name, ...).)')
     if overwrite:
@@ -433,7 +438,7 @@ def resolve_resume(config: Config, overwrite: bool = False) -> Path | None:
     if ckpts or done or (owned and not r):
         why = ('resume_from_checkpoint is false' if not r else
                'none of its checkpoints is sound (see the warnings above)' if ckpts else 'it has no complete checkpoint to resume from')
-        raise TrainError(f'{out} already holds {", ".join(owned)} from an earlier run and {why}: pass --overwrite (train(..., overwrite=True)) '
+        raise TrainError(f'{out} already holds {", ".join(owned)} from an earlier run and {why}: pass {option("overwrite")} '
                          'to delete them and start again' + ('' if r else ', or set resume_from_checkpoint: true to continue from the newest checkpoint'))
     if owned:
         if _is_main():
@@ -524,13 +529,13 @@ def check_resume(resume, fingerprint: dict, allow_config_change: bool = False) -
     if shape := [k for k, *_ in changes if k.startswith(SHAPE_KEYS)]:
         raise TrainError(f'cannot resume from {resume}: {", ".join(shape)} changed, and a checkpoint cannot be loaded into '
                          f'another adapter shape or optimizer, even with allow_config_change. Changes:\n{lines}\n'
-                         'Undo the change, or start again with --overwrite or in another output_dir')
+                         f'Undo the change, or start again with {option("overwrite")} or in another output_dir')
     if not allow_config_change:
         raise TrainError(f'cannot resume from {resume}: it was trained with other settings than this run:\n{lines}\n'
                          'Resuming would mix the two runs (and the checkpoint\'s learning rate and optimizer settings '
                          'would stay in force). '
-                         'Undo the change; or start again with --overwrite or in another output_dir; or, to continue anyway, '
-                         'pass train(..., allow_config_change=True)')
+                         f'Undo the change; or start again with {option("overwrite")} or in another output_dir; or, to continue '
+                         f'anyway, pass {option("allow_config_change")}')
     kept = [k for k, *_ in changes if k in KEPT_FROM_CHECKPOINT]
     print(f'warning: resuming from {resume} with changed settings:\n{lines}\n' +
           (f'  {", ".join(kept)} keep the checkpoint\'s value (its optimizer and scheduler states are restored); ' if kept else '  ') +
@@ -543,8 +548,9 @@ def _has_tensorboard():
     except ImportError: return False
     return True
 
-def training_arguments(config: Config, has_eval: bool = True, compute_dtype: torch.dtype | None = None) -> TrainingArguments:
-    "`TrainingArguments` from `config.training_args` plus this pipeline's settings."
+def training_arguments(config: Config, has_eval: bool = True, compute_dtype: torch.dtype | None = None,
+                       plan=None) -> TrainingArguments:
+    "`TrainingArguments` from `config.training_args` plus this pipeline's settings (and a fast-style `SpeedPlan`'s)."
     ta = dict(config.training_args)
     known = {f.name for f in dataclasses.fields(TrainingArguments)}
     gc = 'activation_checkpointing' if 'activation_checkpointing' in known else 'gradient_checkpointing'
@@ -559,6 +565,13 @@ def training_arguments(config: Config, has_eval: bool = True, compute_dtype: tor
         _log.warning('no eval split (data.eval_ratio is 0 and no data.eval_dataset_path): eval_strategy set to no')
         ta['eval_strategy'] = 'no'
     if ta.get(gc): ta.setdefault(f'{gc}_kwargs', {'use_reentrant': False})
+    if plan is not None and plan.style == 'fast':
+        for k in (gc, f'{gc}_kwargs'): ta.pop(k, None)  # the plan sets checkpointing up, per row
+        if plan.packing:  # the step's examples as one batch: the same examples, packed into rows
+            field_default = lambda k: TrainingArguments.__dataclass_fields__[k].default
+            ta['per_device_train_batch_size'] = (ta.get('per_device_train_batch_size', field_default('per_device_train_batch_size'))
+                                                 * ta.get('gradient_accumulation_steps', field_default('gradient_accumulation_steps')))
+            ta['gradient_accumulation_steps'] = 1
     ta.setdefault('include_num_input_tokens_seen', 'non_padding')
     ta.setdefault('dataloader_pin_memory', torch.cuda.is_available())
     ta.setdefault('logging_nan_inf_filter', False)
@@ -612,29 +625,318 @@ def plot_loss_curve(rows: list[dict], path=None, marks: dict | None = None):
     if path is not None: fig.savefig(path, dpi=100)
     return fig
 
+# %% ../nbs/05_train.ipynb #9d4f11d1
+CE_CHUNK = 1024  # tokens whose logits are computed at once (1,024 x 152k vocabulary x 10 bytes: 1.5 GB held)
+
+def _chunk_ce(h, head, y): return F.cross_entropy(head(h).float(), y, reduction='sum')
+
+def chunked_lm_loss(hidden,  # (B, T, d): the last hidden states
+                    lm_head,  # the output layer (a module: an adapter on it is trained)
+                    labels,  # (B, T) unshifted labels, -100 where not trained
+                    num_items_in_batch=None,  # the Trainer's count of trained tokens in the whole step
+                    chunk: int = CE_CHUNK):
+    "Next-token cross-entropy through `lm_head`, `chunk` tokens at a time, each chunk's logits recomputed in the backward."
+    shift = F.pad(labels, (0, 1), value=-100)[..., 1:]
+    keep = shift != -100
+    h, y = hidden[keep], shift[keep]  # only the positions that are trained
+    if y.numel() == 0: return hidden.sum() * 0.0
+    total = 0.0
+    for i in range(0, y.numel(), chunk):
+        args = (h[i:i + chunk], lm_head, y[i:i + chunk])
+        total = total + (checkpoint(_chunk_ce, *args, use_reentrant=False) if torch.is_grad_enabled() else _chunk_ce(*args))
+    n = num_items_in_batch if num_items_in_batch is not None else y.numel()
+    return total / (n.to(total.device) if torch.is_tensor(n) else n)
+
+def _causal_lm(model):
+    "The transformers `*ForCausalLM` inside a `PeftModel` (or the model itself)."
+    return model.get_base_model() if hasattr(model, 'get_base_model') else model
+
+def model_compute_dtype(model) -> torch.dtype:
+    "The dtype `model` computes in: its 4-bit layers' compute dtype, else its parameters' dtype."
+    for m in model.modules():
+        if isinstance(d := getattr(m, 'compute_dtype', None), torch.dtype): return d
+    return model.dtype
+
+def use_chunked_loss(model, chunk: int = CE_CHUNK):
+    "Make `model(..., labels=...)` compute its loss with `chunked_lm_loss` (and return no logits); return `model`."
+    from transformers.modeling_outputs import CausalLMOutputWithPast
+    lm = _causal_lm(model)
+    if 'forward' in vars(lm): return model  # already replaced (chunked, or Liger's fused loss)
+    full = lm.forward
+
+    def forward(input_ids=None, attention_mask=None, position_ids=None, labels=None, num_items_in_batch=None, **kwargs):
+        if labels is None: return full(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, **kwargs)
+        for k in ('logits_to_keep', 'return_dict', 'use_cache'): kwargs.pop(k, None)
+        out = lm.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False, **kwargs)
+        return CausalLMOutputWithPast(loss=chunked_lm_loss(out.last_hidden_state, lm.lm_head, labels, num_items_in_batch, chunk))
+    lm.forward = forward
+    return model
+
+# %% ../nbs/05_train.ipynb #937ddae1
+GiB = 2**30
+
+@dataclass
+class MemoryModel:
+    "Peak GPU memory of a row: `fixed + tokens x (row + n x kept_in + (layers - n) x kept_all)` with n layers recomputed."
+    budget: float  # bytes the run may fill (a margin for the CUDA context and fragmentation already taken off)
+    fixed: float  # bytes that do not grow with the row: weights, adapters, gradients, optimizer states, a loss chunk
+    row: float  # bytes per token outside the layers (a layer being recomputed, gradients in flight)
+    kept_all: float  # bytes per token a layer keeps for its backward pass
+    kept_in: float  # bytes per token a recomputed (checkpointed) layer keeps: its input
+    layers: int
+
+    def peak(self, tokens: int, recomputed: int) -> float:
+        return self.fixed + tokens * (self.row + recomputed * self.kept_in + (self.layers - recomputed) * self.kept_all)
+
+    def layers_for(self, tokens: int) -> int | None:
+        "The fewest layers to recompute for a row of `tokens` to fit the budget; None if even all of them do not."
+        room = (self.budget - self.peak(tokens, self.layers)) / max(tokens * (self.kept_all - self.kept_in), 1)
+        return None if room < 0 else max(0, self.layers - math.floor(room))
+
+def usable_bytes(budget_gib: float) -> float:
+    "What of a memory budget the allocator may fill: 90% of it, less 0.5 GiB for the CUDA context."
+    return 0.9 * budget_gib * GiB - 0.5 * GiB
+
+def memory_model(model, config, budget_gib: float, chunk: int | None = CE_CHUNK) -> MemoryModel:
+    "The `MemoryModel` of `model` (adapters added, on its GPU) for `budget_gib`, from its shapes and what it holds now."
+    c = _causal_lm(model).config.get_text_config()
+    d, ff, L, V = c.hidden_size, c.intermediate_size, c.num_hidden_layers, c.vocab_size
+    dev = input_device(model)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    held = (torch.cuda.memory_allocated(dev) if dev.type == 'cuda' else
+            sum(p.numel() * p.element_size() for p in model.parameters()))
+    fixed = held + 12 * trainable + (chunk or 0) * V * 10  # float32 gradients and two Adam states; a chunk of logits
+    kept_all = 2 * (11 * d + 4.2 * ff)
+    if config.lora_config.lora_dropout > 0:  # each adapted layer keeps its dropped-out input (and the mask)
+        layer = decoder_layers(model)[0]
+        kept_all += 3 * sum(m.in_features for m in layer.modules() if hasattr(m, 'lora_A') and len(m.lora_A))
+    row = 1.6 * kept_all + (0 if chunk else V * 10)  # without chunks: every token's logits, their float32 copy, gradient
+    return MemoryModel(usable_bytes(budget_gib), fixed, row, kept_all, 2 * d, L)
+
+# %% ../nbs/05_train.ipynb #b9001f32
+def decoder_layers(model) -> list:
+    "The decoder layers of `model` (wrapped by PEFT or not)."
+    return list(_causal_lm(model).model.layers)
+
+def checkpoint_layers(model, n: int) -> int:
+    "Recompute the first `n` decoder layers in the backward pass and keep the others' activations; return `n`."
+    layers = decoder_layers(model)
+    if n and not all(hasattr(l, '_gradient_checkpointing_func') for l in layers):
+        raise ValueError('checkpoint_layers: checkpointing is not set up on this model (add_lora(..., checkpointing=True))')
+    for i, layer in enumerate(layers): layer.gradient_checkpointing = i < n
+    return n
+
+# %% ../nbs/05_train.ipynb #60e6dd5b
+def compile_layers(model) -> int:
+    "`torch.compile` every decoder layer of `model` in place; return how many."
+    import torch._dynamo
+    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+    layers = decoder_layers(model)
+    for layer in layers: layer.compile()
+    return len(layers)
+
+def uncompile_layers(model):
+    "Undo `compile_layers`."
+    for layer in decoder_layers(model): layer._compiled_call_impl = None
+
+# %% ../nbs/05_train.ipynb #97ee031c
+def liger_problem(model) -> str | None:
+    "Why Liger's kernels cannot be used on `model` here, or None."
+    lm = _causal_lm(model)
+    if input_device(model).type != 'cuda': return 'Liger kernels run on a CUDA GPU only'
+    if getattr(lm.config, 'model_type', None) != 'qwen2': return f'Liger is wired here for qwen2 models, not {lm.config.model_type}'
+    try: import liger_kernel.transformers  # noqa: F401
+    except Exception as e: return f'liger-kernel is not usable ({type(e).__name__}: {str(e)[:120]})'
+    return None
+
+def apply_liger(model):
+    "Liger's RMSNorm, RoPE, SwiGLU (and fused loss, unless `lm_head` has an adapter) on `model`; return their undo."
+    from liger_kernel.transformers import apply_liger_kernel_to_qwen2
+    from transformers.models.qwen2 import modeling_qwen2
+    lm, saved = _causal_lm(model), dict(vars(modeling_qwen2))
+    flce = not hasattr(lm.lm_head, 'lora_A') and 'forward' not in vars(lm)
+    apply_liger_kernel_to_qwen2(rope=True, rms_norm=True, swiglu=True, cross_entropy=False,
+                                fused_linear_cross_entropy=flce, model=lm)
+    patched = [m for m in lm.modules() if 'forward' in vars(m) and m is not lm]
+
+    def undo():
+        for k, v in saved.items():
+            if getattr(modeling_qwen2, k, None) is not v: setattr(modeling_qwen2, k, v)
+        for m in patched:
+            for k in ('forward', '_get_name'): vars(m).pop(k, None)
+        if flce: vars(lm).pop('forward', None)
+    return undo
+
+# %% ../nbs/05_train.ipynb #f85851f5
+ROW_SIZES = (16384, 12288, 8192, 6144, 4096, 3072, 2048, 1536, 1024, 768, 512, 384, 256, 128)  # longest first
+
+@dataclass
+class SpeedPlan:
+    "How `train` runs here: `config.training` resolved; `notes` say what was chosen and why."
+    style: str = 'seed'
+    packing: bool = False
+    tokens_per_row: int | None = None  # most tokens in one packed row
+    attention: str | None = None  # the attn_implementation the model gets; None: as loaded
+    compile: bool = False
+    checkpointing: str | int = 'trainer'  # 'trainer' (training_args), 'auto' (per row, from `memory`), or layers recomputed
+    lean_prep: bool = False
+    chunked_loss: bool = False
+    liger: bool = False
+    memory_budget_gib: float | None = None
+    notes: list = field(default_factory=list)
+    memory: MemoryModel | None = field(default=None, repr=False)
+    undo: list = field(default_factory=list, repr=False)  # undo global patches (Liger's) when training ends
+
+    def to_dict(self) -> dict:
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in ('memory', 'undo')}
+
+    def layers_for(self, tokens: int) -> int | None:
+        "Decoder layers to recompute for a row of `tokens`; None: as the Trainer's settings say."
+        if self.checkpointing == 'trainer': return None
+        if self.checkpointing != 'auto': return self.checkpointing
+        n = self.memory.layers_for(tokens)
+        return self.memory.layers if n is None else n
+
+    def summary(self) -> str:
+        if self.style == 'seed': return 'seed style: one example per row, float32 k-bit prep, training_args as given'
+        ck = {'auto': 'per row', 0: 'none'}.get(self.checkpointing, f'{self.checkpointing} layers')
+        return (f"packing {f'rows of <= {self.tokens_per_row:,} tokens' if self.packing else 'off'}; attention "
+                f"{self.attention}; compile {'on' if self.compile else 'off'}; checkpointing {ck}; "
+                f"{'lean' if self.lean_prep else 'float32'} k-bit prep; loss {'chunked' if self.chunked_loss else 'full'}"
+                f"{'; Liger' if self.liger else ''}" + (f'; budget {self.memory_budget_gib} GiB' if self.memory_budget_gib else ''))
+
+def _gc_arg(config) -> bool:
+    return bool(config.training_args.get('gradient_checkpointing') or config.training_args.get('activation_checkpointing'))
+
+def wants_checkpointing(config) -> bool:
+    "Whether `train` sets gradient checkpointing up (for all layers, or for some of them per row)."
+    t = config.training
+    if t.style == 'seed': return _gc_arg(config)
+    if t.checkpointing == 'auto': return (torch.cuda.is_available() and not is_fsdp()) or _gc_arg(config)
+    return t.checkpointing not in ('none', 0)
+
+def _budget_gib(config, device) -> float:
+    if config.training.memory_budget_gib is not None: return config.training.memory_budget_gib
+    free, _ = torch.cuda.mem_get_info(device)
+    return (free + torch.cuda.memory_reserved(device)) / GiB  # what is free, plus what this process holds already
+
+def speed_plan(config, model, lengths: list[int], examples_per_step: int) -> SpeedPlan:
+    "`config.training` resolved for `model` (adapters added), these example `lengths` and `examples_per_step`."
+    t = config.training
+    if t.style == 'seed': return SpeedPlan()
+    dev, fsdp = input_device(model), is_fsdp()
+    cuda = dev.type == 'cuda'
+    p = SpeedPlan('fast', packing=t.packing, lean_prep=t.lean_prep, chunked_loss=t.chunked_loss)
+    p.attention, why = attention_kernel(t.attention, dev)
+    if why: p.notes.append(why)
+    p.compile = cuda if t.compile == 'auto' else t.compile
+    if p.compile and fsdp: p.compile = False; p.notes.append('training.compile: off under FSDP (untested there)')
+    p.liger = (cuda and not p.compile and not fsdp) if t.liger == 'auto' else t.liger
+    if p.liger and (why := liger_problem(model)):
+        if t.liger is True: p.notes.append(f'training.liger: {why}; not used')
+        p.liger = False
+    L, longest = len(decoder_layers(model)), max(lengths, default=config.data.max_length)
+    ck = t.checkpointing
+    if ck == 'auto': ck = 'auto' if cuda and not fsdp else 'all' if _gc_arg(config) else 'none'
+    p.checkpointing = L if ck == 'all' else 0 if ck == 'none' else ck if ck == 'auto' else min(ck, L)
+    if cuda:
+        p.memory_budget_gib = round(_budget_gib(config, dev), 2)
+        p.memory = memory_model(model, config, p.memory_budget_gib, CE_CHUNK if p.chunked_loss else None)
+    if p.packing:
+        step = sum(sorted(lengths, reverse=True)[:examples_per_step]) or longest  # the most tokens a step can hold
+        n = L if p.checkpointing == 'auto' else p.checkpointing
+        fits = lambda T: p.memory is None or p.memory.peak(T, n) <= p.memory.budget
+        T = t.tokens_per_row or next((T for T in ROW_SIZES if longest <= T and fits(T)), None)
+        if T is None:
+            T = longest
+            p.notes.append(f'memory: a row of {longest:,} tokens (the longest example) needs about '
+                           f'{p.memory.peak(longest, n) / GiB:.1f} GiB with {n} of {L} layers recomputed, more than the '
+                           f'{p.memory_budget_gib} GiB budget allows; training may run out of memory')
+        p.tokens_per_row = T if t.tokens_per_row else max(longest, min(T, _round_up(step, 64)))
+    if p.checkpointing == 'auto':
+        full = p.tokens_per_row or longest
+        p.notes.append(f'checkpointing: per row within {p.memory_budget_gib} GiB; a row of {full:,} tokens recomputes '
+                       f'{p.layers_for(full)} of {L} layers')
+    return p
+
+# %% ../nbs/05_train.ipynb #8e3db773
+def _probe(model, plan: SpeedPlan, dtype):
+    "One forward and backward pass on a small packed batch, so that a kernel that fails fails before training."
+    batch = PackCollator(0)([{'input_ids': list(range(10, 10 + n)), 'labels': list(range(10, 10 + n))} for n in (96, 160)])
+    dev = input_device(model)
+    inputs = {k: v.to(dev) for k, v in batch.items() if torch.is_tensor(v)}
+    if model.config._attn_implementation == VARLEN: inputs.update(varlen_kwargs(batch[ROWS], 256, dev))
+    was = model.training
+    model.train()
+    if (n := plan.layers_for(256)) is not None: checkpoint_layers(model, n)
+    try:
+        with torch.random.fork_rng(devices=[dev] if dev.type == 'cuda' else []), \
+             torch.autocast(dev.type, dtype=dtype, enabled=dev.type == 'cuda' and dtype != torch.float32):
+            model(**inputs).loss.backward()
+    finally:
+        for p in model.parameters(): p.grad = None
+        model.train(was)
+
+def apply_speed(model, plan: SpeedPlan, dtype=None):
+    "Set `model` up as `plan` says; a kernel that fails the probe pass is turned off, with a note in `plan.notes`."
+    if plan.style == 'seed': return model
+    use_packing(model)
+    base = _causal_lm(model)
+    if plan.attention and base.config._attn_implementation != plan.attention: base.set_attn_implementation(plan.attention)
+    if plan.liger: plan.undo.append(apply_liger(model))
+    if plan.chunked_loss: use_chunked_loss(model)
+    if (n := plan.layers_for(plan.tokens_per_row or 0)) is not None: checkpoint_layers(model, n)
+    if plan.compile: compile_layers(model)
+    if not (plan.compile or plan.liger or plan.attention not in (None, 'sdpa', 'eager')): return model
+    while True:
+        try: _probe(model, plan, dtype or model_compute_dtype(model)); return model
+        except Exception as e:
+            why = f'{type(e).__name__}: {str(e).strip().splitlines()[0][:200] if str(e).strip() else ""}'
+            if plan.compile:
+                uncompile_layers(model); plan.compile = False
+                plan.notes.append(f'training.compile: off, the probe pass failed ({why})')
+            elif plan.liger:
+                plan.undo.pop()(); plan.liger = False
+                plan.notes.append(f'training.liger: off, the probe pass failed ({why})')
+                if plan.chunked_loss: use_chunked_loss(model)
+            elif plan.attention not in (None, 'sdpa'):
+                plan.notes.append(f'training.attention: sdpa, {plan.attention} failed the probe pass ({why})')
+                plan.attention = 'sdpa'; base.set_attn_implementation('sdpa')
+            else: raise
+
 # %% ../nbs/05_train.ipynb #d2c72c2b
 _OOM = getattr(torch, 'OutOfMemoryError', torch.cuda.OutOfMemoryError)
 
 def _is_oom(e: BaseException) -> bool:
     return isinstance(e, _OOM) or (isinstance(e, RuntimeError) and 'out of memory' in str(e).lower())
 
-def oom_advice(args: TrainingArguments, max_length: int) -> str:
-    "What to change after a CUDA out-of-memory error, naming the sizes in play."
+def oom_advice(args: TrainingArguments, max_length: int, plan=None) -> str:
+    "What to change after a CUDA out-of-memory error, naming the sizes in play (`args` as the config sets them)."
     bs, ga, gc_on = args.per_device_train_batch_size, args.gradient_accumulation_steps, bool(args.gradient_checkpointing)
+    fast = plan is not None and plan.style == 'fast'
     gpu = 'no CUDA device'
     if torch.cuda.is_available():
         i, g = torch.cuda.current_device(), 2**30
         gpu = (f'{torch.cuda.get_device_name(i)}: {torch.cuda.memory_allocated(i)/g:.1f} GiB allocated (peak {torch.cuda.max_memory_allocated(i)/g:.1f}) '
                f'of {torch.cuda.get_device_properties(i).total_memory/g:.1f} GiB')
     tips = []
-    if bs > 1: tips.append(f'training_args.per_device_train_batch_size={max(1, bs // 2)} training_args.gradient_accumulation_steps={ga * bs // max(1, bs // 2)} '
-                           '(same effective batch, half the activations)')
-    if not gc_on: tips.append('training_args.gradient_checkpointing=true (recompute activations in the backward pass: ~30% slower, much less memory)')
+    if fast:  # a step's examples are packed into rows: the row length and the recomputed layers decide the memory
+        if plan.packing and plan.tokens_per_row and plan.tokens_per_row > max_length:
+            tips.append(f'training.tokens_per_row={max(max_length, plan.tokens_per_row // 2)} (shorter rows, the same steps)')
+        if plan.checkpointing == 'auto' and plan.memory_budget_gib:
+            tips.append(f'training.memory_budget_gib={plan.memory_budget_gib * 0.8:.0f} (what else holds GPU memory is not '
+                        'in the plan: plan for less; more layers are recomputed)')
+        elif plan.checkpointing != 'auto': tips.append('training.checkpointing=all (recompute every layer in the backward pass)')
+    else:
+        if bs > 1: tips.append(f'training_args.per_device_train_batch_size={max(1, bs // 2)} training_args.gradient_accumulation_steps={ga * bs // max(1, bs // 2)} '
+                               '(same effective batch, half the activations)')
+        if not gc_on: tips.append('training_args.gradient_checkpointing=true (recompute activations in the backward pass: ~30% slower, much less memory)')
     tips.append(f'data.max_length={max(64, max_length // 2)} (activations grow with the sequence length; longer examples are cut or dropped as data.truncation says)')
     tips.append('a smaller lora_config.r or fewer lora_config.target_modules')
     return ('CUDA ran out of memory during training.\n'
             f'  per_device_train_batch_size: {bs}, gradient_accumulation_steps: {ga} (effective batch {bs * ga}), '
-            f'data.max_length: {max_length}, gradient_checkpointing: {str(gc_on).lower()}\n  GPU: {gpu}\n'
+            f'data.max_length: {max_length}, ' + (f'{plan.summary()}' if fast else f'gradient_checkpointing: {str(gc_on).lower()}') +
+            f'\n  GPU: {gpu}\n'
             'Try, in this order (as overrides: qlora_nb_train config.yaml key=value ...):\n' + '\n'.join(f'  - {t}' for t in tips))
 
 # %% ../nbs/05_train.ipynb #27ebe425
@@ -643,7 +945,7 @@ def diverged(output_dir, step: int, what: str) -> str:
     last = find_last_checkpoint(output_dir)
     where = f'the last good checkpoint is {last} (step {checkpoint_step(last)})' if last else 'no checkpoint had been saved yet'
     return (f'training diverged at step {step}: {what}. Nothing of step {step} was saved; {where}. Lower training_args.learning_rate '
-            '(or raise warmup_steps, keep max_grad_norm > 0) and start again with --overwrite')
+            f'(or raise warmup_steps, keep max_grad_norm > 0) and start again with {option("overwrite")}')
 
 def _trainable(model) -> list[torch.Tensor]: return [p for p in model.parameters() if p.requires_grad]
 
@@ -697,6 +999,25 @@ class QuietEvalProgress(ProgressCallback):
     def on_prediction_step(self, args, state, control, eval_dataloader=None, **kwargs):
         if sys.stderr.isatty(): super().on_prediction_step(args, state, control, eval_dataloader=eval_dataloader, **kwargs)
 
+# %% ../nbs/05_train.ipynb #c5bb74f1
+def setup_training(config: Config, tokenizer, train_ex, eval_ex=None, args: TrainingArguments | None = None,
+                   callbacks=()) -> tuple[QLoRATrainer, SpeedPlan]:
+    "The `QLoRATrainer` (with the model) and `SpeedPlan` that `train` trains with; `args`: `training_arguments(config)`."
+    cd = compute_dtype(config.quantization_config)
+    args = args or training_arguments(config, has_eval=bool(eval_ex), compute_dtype=cd)
+    transformers.set_seed(args.seed)
+    model = load_model(config, tokenizer)
+    transformers.set_seed(args.seed)  # the adapter's initial weights depend on the seed alone
+    model = align_config_tokens(add_lora(model, config, seed=args.seed, checkpointing=wants_checkpointing(config)), tokenizer)
+    plan = speed_plan(config, model, example_lengths(train_ex), args.per_device_train_batch_size * args.gradient_accumulation_steps)
+    apply_speed(model, plan, cd)
+    targs = training_arguments(config, has_eval=bool(eval_ex), compute_dtype=cd, plan=plan) if plan.style == 'fast' else args
+    collator = PackCollator(tokenizer.pad_token_id, plan.tokens_per_row) if plan.packing else PadCollator(tokenizer.pad_token_id)
+    trainer = QLoRATrainer(model=model, args=targs, train_dataset=train_ex, eval_dataset=eval_ex or None,
+                           data_collator=collator, processing_class=tokenizer, callbacks=list(callbacks))
+    if plan.checkpointing == 'auto': trainer.row_hook = lambda tokens: checkpoint_layers(model, plan.layers_for(tokens))
+    return trainer, plan
+
 # %% ../nbs/05_train.ipynb #396c28e1
 LIBRARIES = ('torch', 'transformers', 'peft', 'bitsandbytes', 'accelerate', 'datasets', 'tokenizers', 'safetensors', 'numpy', 'qlora_nb')
 
@@ -729,8 +1050,9 @@ def report_dict(rep) -> dict:
 
 def run_manifest(config: Config, tokenizer, metrics: dict | None = None, merge_check: dict | None = None, *,
                  args: TrainingArguments | None = None, reports: dict | None = None, base_model: dict | None = None,
-                 global_step: int | None = None, resumed_from=None, config_changes: list | None = None, adapter_dir=None) -> dict:
-    "How a run was made: config, TrainingArguments, base model, versions, source, data, encoding, resume, metrics, merge check."
+                 global_step: int | None = None, resumed_from=None, config_changes: list | None = None, adapter_dir=None,
+                 speed: dict | None = None) -> dict:
+    "How a run was made: config, TrainingArguments, speed plan, base model, versions, source, data, encoding, resume, metrics, merge check."
     ev = config.data.eval_dataset_path
     base = dict(base_model or base_model_info(config))
     if adapter_dir is not None and base.get('source') == 'local':
@@ -742,7 +1064,7 @@ def run_manifest(config: Config, tokenizer, metrics: dict | None = None, merge_c
             'chat_template_sha256': _template_sha(tokenizer),
             'examples': {k: report_dict(r) for k, r in reports.items() if r is not None} if reports else None,
             'global_step': global_step, 'resumed_from': str(resumed_from) if resumed_from else None,
-            'config_changes': config_changes or None,
+            'config_changes': config_changes or None, 'speed': speed,
             'metrics': metrics, 'merge_check': merge_check, 'created': time.strftime('%Y-%m-%dT%H:%M:%S%z')}
 
 # %% ../nbs/05_train.ipynb #994de73b
@@ -798,12 +1120,6 @@ def _verbosity(verbose: bool):
     try: yield
     finally: transformers.logging.set_verbosity(old); pkg.setLevel(level); pkg.removeHandler(handler)
 
-def model_compute_dtype(model) -> torch.dtype:
-    "The dtype `model` computes in: its 4-bit layers' compute dtype, else its parameters' dtype."
-    for m in model.modules():
-        if isinstance(d := getattr(m, 'compute_dtype', None), torch.dtype): return d
-    return model.dtype
-
 def _interrupted(config: Config, step: int) -> str:
     last = find_last_checkpoint(config.output_dir)
     if last is None: return (f'Training interrupted (Ctrl-C) at step {step}, before the first complete checkpoint: nothing to resume from; '
@@ -830,7 +1146,7 @@ def _check_not_past(resume: Path | None, step: int, last: int):
     "Refuse to 'continue' from a checkpoint beyond the step this run stops at."
     if resume is not None and step > last:
         raise TrainError(f'{resume} is at step {step}, past the {last} steps this run trains (max_steps / num_train_epochs): '
-                         f'to train a {last}-step model start again with --overwrite or in another output_dir; '
+                         f'to train a {last}-step model start again with {option("overwrite")} or in another output_dir; '
                          f'to use the weights of step {step}, merge that checkpoint (qlora_nb_merge --adapter {resume})')
 
 def _load_checkpoint_weights(trainer: Trainer, ckpt: Path):
@@ -849,6 +1165,7 @@ def train(config: Config,  # from `load_config(path, overrides)`
          ) -> TrainResult:
     "Fine-tune with QLoRA as `config` says; write checkpoints, `lora_adapter/`, `metrics.jsonl` and `loss_curve.png`."
     if not isinstance(config, Config): raise TypeError(f'train: expected a Config (qlora_nb.config.load_config(path)), got {type(config).__name__}')
+    check_training_args(config)
     t0, out = time.time(), Path(config.output_dir)
     with _verbosity(verbose), output_lock(out, 'train'):
         if _is_main() and (gone := clean_leftovers(out)): print(f'{out}: removed {", ".join(gone)}, left by an interrupted command')
@@ -867,21 +1184,19 @@ def train(config: Config,  # from `load_config(path, overrides)`
         done = _final_step(resume, fp) if resume is not None and resume.parent.resolve() == out.resolve() else None
         if done is not None and _published_step(out) == done:
             print(f'{out}: this run is finished ({resume.name} is its last step) and lora_adapter/ holds that step: nothing to train. '
-                  'Raise training_args.max_steps (or num_train_epochs) to train further, or pass --overwrite to start again')
+                  f'Raise training_args.max_steps (or num_train_epochs) to train further, or pass {option("overwrite")} to start again')
             metrics = {**summarize_metrics(read_metrics(out/METRICS)), 'runtime': time.time() - t0}
             return TrainResult(out, out/'lora_adapter' if _is_main() else None, list_checkpoints(out), metrics, resume, reports, 0)
-        transformers.set_seed(args.seed)
-        model = load_model(config, tokenizer)
-        transformers.set_seed(args.seed)  # the adapter's initial weights depend on the seed alone
-        model = align_config_tokens(add_lora(model, config, seed=args.seed), tokenizer)
         if _is_main(): record_outputs(out, METRICS, *(['runs'] if 'tensorboard' in args.report_to else []))
-        trainer = QLoRATrainer(model=model, args=args, train_dataset=train_ex, eval_dataset=eval_ex or None,
-                               data_collator=PadCollator(tokenizer.pad_token_id), processing_class=tokenizer,
-                               callbacks=[MetricsLogger(out/METRICS), NonFiniteGuard(), *(callbacks or [])])
+        trainer, plan = setup_training(config, tokenizer, train_ex, eval_ex, args,
+                                       callbacks=[MetricsLogger(out/METRICS), NonFiniteGuard(), *(callbacks or [])])
+        model = trainer.model
+        if _is_main(): print('speed          ' + '\n               '.join([plan.summary(), *plan.notes]))
         if trainer.pop_callback(ProgressCallback) is not None: trainer.add_callback(QuietEvalProgress)
         trainer.run_info = {'fingerprint': fp, 'config': config.to_dict(), 'resumed_from': str(resume) if resume else None,
-                            'config_changes': changes or None}
-        last = args.max_steps if args.max_steps > 0 else trainer.set_initial_training_values(args, trainer.get_train_dataloader())[-1]
+                            'config_changes': changes or None, 'speed': plan.to_dict()}
+        ta = trainer.args
+        last = ta.max_steps if ta.max_steps > 0 else trainer.set_initial_training_values(ta, trainer.get_train_dataloader())[-1]
         _check_not_past(resume, start, last)
         try:
             if start >= last:
@@ -890,9 +1205,10 @@ def train(config: Config,  # from `load_config(path, overrides)`
             else: trainer.train(resume_from_checkpoint=str(resume) if resume else None)
         except KeyboardInterrupt: raise TrainInterrupted(_interrupted(config, trainer.state.global_step)) from None
         except Exception as e:
-            if _is_oom(e): raise TrainError(oom_advice(args, config.data.max_length)) from e
+            if _is_oom(e): raise TrainError(oom_advice(args, config.data.max_length, plan)) from e
             raise
         finally:
+            while plan.undo: plan.undo.pop()()  # Liger's patches of transformers, before anything else runs
             if _is_main(): shutil.rmtree(out/(trainer._staging_name or f'{STAGING}-{os.getpid()}'), ignore_errors=True)
         if eval_ex and args.eval_strategy != 'no' and not any('eval_loss' in r and r['step'] == trainer.state.global_step for r in read_metrics(out/METRICS)):
             trainer.evaluate()
@@ -903,13 +1219,13 @@ def train(config: Config,  # from `load_config(path, overrides)`
         try:
             if bad := nonfinite_tensors(staging/'lora_adapter'):
                 raise TrainError(f'lora_adapter/ not written: {len(bad)} of its tensors hold NaN or inf ({bad[0]}, ...); '
-                                 f'lower training_args.learning_rate and start again with --overwrite')
+                                 f'lower training_args.learning_rate and start again with {option("overwrite")}')
             rows = read_metrics(out/METRICS)
             metrics = summarize_metrics(rows)
             (staging/'lora_adapter'/'training_args.bin').unlink(missing_ok=True)  # a pickle; training_config.json has the arguments
-            man = run_manifest(config, tokenizer, metrics, args=args, reports=reports, base_model=base,
+            man = run_manifest(config, tokenizer, metrics, args=ta, reports=reports, base_model=base,
                                global_step=trainer.state.global_step, resumed_from=resume, config_changes=changes,
-                               adapter_dir=out/'lora_adapter')
+                               adapter_dir=out/'lora_adapter', speed=plan.to_dict())
             (staging/'lora_adapter'/'training_config.json').write_text(json.dumps(man, indent=2, ensure_ascii=False))
             record_outputs(out, 'lora_adapter', 'loss_curve.png')
             adapter_dir = publish_dir(staging/'lora_adapter', out/'lora_adapter')
