@@ -108,7 +108,7 @@ class ExportSection:
         return (self.max_abs_logit_diff if self.max_abs_logit_diff is not None else 0.05 if wide else 1.0,
                 self.min_token_agreement if self.min_token_agreement is not None else 0.99 if wide else 0.8)
 
-# %% ../nbs/00_config.ipynb #b1852692
+# %% ../nbs/00_config.ipynb #0c67e483
 @dataclass
 class TrainingSection:
     "How training runs: packing, kernels, compile and checkpointing (`style: seed` turns all of them off)."
@@ -465,18 +465,13 @@ def _check_paths(config, raw: dict, where, data: bool = True):
         if out == folder or out in folder.parents:
             raise ConfigError(f'{where("output_dir")}output_dir: {out} holds {what} ({p}){own}')
 
-# %% ../nbs/00_config.ipynb #8f7f3877
+# %% ../nbs/00_config.ipynb #1b176a2a
 def _check_training(config, where):
     "Refuse `training` settings that contradict the rest of `config`."
     t, key = config.training, 'training.tokens_per_row'
     if t.tokens_per_row is not None and t.tokens_per_row < config.data.max_length:
         raise ConfigError(f'{where(key)}{key}: {t.tokens_per_row} is less than data.max_length ({config.data.max_length}): '
                           'a row must hold the longest example; raise it, or lower data.max_length')
-    gc = [k for k in ('gradient_checkpointing', 'activation_checkpointing') if k in config.training_args]
-    if t.style == 'fast' and t.checkpointing != 'auto' and gc:
-        key = 'training.checkpointing'
-        raise ConfigError(f'{where(key)}{key}: set together with training_args.{gc[0]}; in the fast style '
-                          f'{key} decides (training_args.{gc[0]} is what style: seed uses): remove one of them')
 
 # %% ../nbs/00_config.ipynb #4589e4fb
 @dataclass

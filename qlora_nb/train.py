@@ -625,7 +625,7 @@ def plot_loss_curve(rows: list[dict], path=None, marks: dict | None = None):
     if path is not None: fig.savefig(path, dpi=100)
     return fig
 
-# %% ../nbs/05_train.ipynb #283b2d29
+# %% ../nbs/05_train.ipynb #211c1383
 CE_CHUNK = 1024  # tokens whose logits are computed at once (1,024 x 152k vocabulary x 10 bytes: 1.5 GB held)
 
 def _chunk_ce(h, head, y): return F.cross_entropy(head(h).float(), y, reduction='sum')
@@ -672,7 +672,7 @@ def use_chunked_loss(model, chunk: int = CE_CHUNK):
     lm.forward = forward
     return model
 
-# %% ../nbs/05_train.ipynb #addf836d
+# %% ../nbs/05_train.ipynb #283b9154
 GiB = 2**30
 
 @dataclass
@@ -713,7 +713,7 @@ def memory_model(model, config, budget_gib: float, chunk: int | None = CE_CHUNK)
     row = 1.6 * kept_all + (0 if chunk else V * 10)  # without chunks: every token's logits, their float32 copy, gradient
     return MemoryModel(usable_bytes(budget_gib), fixed, row, kept_all, 2 * d, L)
 
-# %% ../nbs/05_train.ipynb #9f0dd818
+# %% ../nbs/05_train.ipynb #a537baaa
 def decoder_layers(model) -> list:
     "The decoder layers of `model` (wrapped by PEFT or not)."
     return list(_causal_lm(model).model.layers)
@@ -726,7 +726,7 @@ def checkpoint_layers(model, n: int) -> int:
     for i, layer in enumerate(layers): layer.gradient_checkpointing = i < n
     return n
 
-# %% ../nbs/05_train.ipynb #eec3a0b8
+# %% ../nbs/05_train.ipynb #2da5cb28
 def compile_layers(model) -> int:
     "`torch.compile` every decoder layer of `model` in place; return how many."
     import torch._dynamo
@@ -739,7 +739,7 @@ def uncompile_layers(model):
     "Undo `compile_layers`."
     for layer in decoder_layers(model): layer._compiled_call_impl = None
 
-# %% ../nbs/05_train.ipynb #28be4e64
+# %% ../nbs/05_train.ipynb #510be1c7
 def liger_problem(model) -> str | None:
     "Why Liger's kernels cannot be used on `model` here, or None."
     lm = _causal_lm(model)
@@ -767,7 +767,7 @@ def apply_liger(model):
         if flce: vars(lm).pop('forward', None)
     return undo
 
-# %% ../nbs/05_train.ipynb #cb1132a6
+# %% ../nbs/05_train.ipynb #d4f71a13
 ROW_SIZES = (16384, 12288, 8192, 6144, 4096, 3072, 2048, 1536, 1024, 768, 512, 384, 256, 128)  # longest first
 
 @dataclass
@@ -838,6 +838,9 @@ def speed_plan(config, model, lengths: list[int], examples_per_step: int) -> Spe
     L, longest = len(decoder_layers(model)), max(lengths, default=config.data.max_length)
     ck = t.checkpointing
     if ck == 'auto': ck = 'auto' if cuda and not fsdp else 'all' if _gc_arg(config) else 'none'
+    elif (ck in ('none', 0)) == _gc_arg(config) and any(k in config.training_args for k in ('gradient_checkpointing', 'activation_checkpointing')):
+        p.notes.append(f'training.checkpointing: {ck} (in the fast style it decides; training_args.gradient_checkpointing '
+                       'is what style: seed uses)')
     p.checkpointing = L if ck == 'all' else 0 if ck == 'none' else ck if ck == 'auto' else min(ck, L)
     if cuda:
         p.memory_budget_gib = round(_budget_gib(config, dev), 2)
@@ -862,7 +865,7 @@ def speed_plan(config, model, lengths: list[int], examples_per_step: int) -> Spe
                        f'{p.layers_for(full)} of {L} layers')
     return p
 
-# %% ../nbs/05_train.ipynb #6dae8384
+# %% ../nbs/05_train.ipynb #152c30e1
 def _probe(model, plan: SpeedPlan, dtype):
     "One forward and backward pass on a small packed batch, so that a kernel that fails fails before training."
     batch = PackCollator(0)([{'input_ids': list(range(10, 10 + n)), 'labels': list(range(10, 10 + n))} for n in (96, 160)])
@@ -1002,7 +1005,7 @@ class QuietEvalProgress(ProgressCallback):
     def on_prediction_step(self, args, state, control, eval_dataloader=None, **kwargs):
         if sys.stderr.isatty(): super().on_prediction_step(args, state, control, eval_dataloader=eval_dataloader, **kwargs)
 
-# %% ../nbs/05_train.ipynb #134d1236
+# %% ../nbs/05_train.ipynb #880ea0b8
 def setup_training(config: Config, tokenizer, train_ex, eval_ex=None, args: TrainingArguments | None = None,
                    callbacks=()) -> tuple[QLoRATrainer, SpeedPlan]:
     "The `QLoRATrainer` (with the model) and `SpeedPlan` that `train` trains with; `args`: `training_arguments(config)`."
