@@ -624,7 +624,7 @@ def plot_loss_curve(rows: list[dict], path=None, marks: dict | None = None):
     if path is not None: fig.savefig(path, dpi=100)
     return fig
 
-# %% ../nbs/05_train.ipynb #e288cd39
+# %% ../nbs/05_train.ipynb #3d2f18be
 CE_CHUNK = 1024  # tokens whose logits are computed at once (1,024 x 152k vocabulary x 10 bytes: 1.5 GB held)
 
 def _chunk_ce(h, head, y): return F.cross_entropy(head(h).float(), y, reduction='sum')
@@ -671,7 +671,7 @@ def use_chunked_loss(model, chunk: int = CE_CHUNK):
     lm.forward = forward
     return model
 
-# %% ../nbs/05_train.ipynb #4f224c82
+# %% ../nbs/05_train.ipynb #75710b5e
 GiB = 2**30
 
 @dataclass
@@ -712,7 +712,7 @@ def memory_model(model, config, budget_gib: float, chunk: int | None = CE_CHUNK)
     row = 1.6 * kept_all + (0 if chunk else V * 10)  # without chunks: every token's logits, their float32 copy, gradient
     return MemoryModel(usable_bytes(budget_gib), fixed, row, kept_all, 2 * d, L)
 
-# %% ../nbs/05_train.ipynb #6710cda1
+# %% ../nbs/05_train.ipynb #e7448674
 def decoder_layers(model) -> list:
     "The decoder layers of `model` (wrapped by PEFT or not)."
     return list(_causal_lm(model).model.layers)
@@ -725,7 +725,7 @@ def checkpoint_layers(model, n: int) -> int:
     for i, layer in enumerate(layers): layer.gradient_checkpointing = i < n
     return n
 
-# %% ../nbs/05_train.ipynb #f33fc2c6
+# %% ../nbs/05_train.ipynb #e155725d
 def compile_layers(model) -> int:
     "`torch.compile` every decoder layer of `model` in place; return how many."
     import torch._dynamo
@@ -738,7 +738,7 @@ def uncompile_layers(model):
     "Undo `compile_layers`."
     for layer in decoder_layers(model): layer._compiled_call_impl = None
 
-# %% ../nbs/05_train.ipynb #b43a9980
+# %% ../nbs/05_train.ipynb #d3318160
 def liger_problem(model) -> str | None:
     "Why Liger's kernels cannot be used on `model` here, or None."
     lm = _causal_lm(model)
@@ -766,7 +766,7 @@ def apply_liger(model):
         if flce: vars(lm).pop('forward', None)
     return undo
 
-# %% ../nbs/05_train.ipynb #c55f3eba
+# %% ../nbs/05_train.ipynb #8332c66f
 ROW_SIZES = (16384, 12288, 8192, 6144, 4096, 3072, 2048, 1536, 1024, 768, 512, 384, 256, 128)  # longest first
 
 @dataclass
@@ -864,7 +864,7 @@ def speed_plan(config, model, lengths: list[int], examples_per_step: int) -> Spe
                        f'{p.layers_for(full)} of {L} layers')
     return p
 
-# %% ../nbs/05_train.ipynb #8d7de8ca
+# %% ../nbs/05_train.ipynb #ead98f69
 def _probe(model, plan: SpeedPlan, dtype):
     "One forward and backward pass on a small packed batch, so that a kernel that fails fails before training."
     batch = PackCollator(0)([{'input_ids': list(range(10, 10 + n)), 'labels': list(range(10, 10 + n))} for n in (96, 160)])
@@ -1004,7 +1004,7 @@ class QuietEvalProgress(ProgressCallback):
     def on_prediction_step(self, args, state, control, eval_dataloader=None, **kwargs):
         if sys.stderr.isatty(): super().on_prediction_step(args, state, control, eval_dataloader=eval_dataloader, **kwargs)
 
-# %% ../nbs/05_train.ipynb #e1e96a23
+# %% ../nbs/05_train.ipynb #471232fe
 def setup_training(config: Config, tokenizer, train_ex, eval_ex=None, args: TrainingArguments | None = None,
                    callbacks=()) -> tuple[QLoRATrainer, SpeedPlan]:
     "The `QLoRATrainer` (with the model) and `SpeedPlan` that `train` trains with; `args`: `training_arguments(config)`."
