@@ -18,7 +18,7 @@ __all__ = ['FSDP_DEVICES', 'FSDP_MODEL', 'dist_env', 'distributed_args', 'fsdp_v
 def dist_env(env=None) -> dict:
     "This process's place in a torchrun/accelerate launch: world_size, rank, local_rank (world_size 1 when started alone)."
     env = os.environ if env is None else env
-    return {'world_size': int(env.get('WORLD_SIZE', 1)), 'rank': int(env.get('RANK', 0)), 'local_rank': int(env.get('LOCAL_RANK', 0))}
+    return {k.lower(): int(env.get(k, d)) for k, d in (('WORLD_SIZE', 1), ('RANK', 0), ('LOCAL_RANK', 0))}
 
 # %% ../nbs/11_distributed.ipynb #85f6cc64
 def distributed_args(training_args: dict, env=None, cuda: bool | None = None) -> dict:
@@ -51,9 +51,11 @@ def _mixed_precision(ta: dict, compute, device, env, given: str | None) -> tuple
     if given is None and torch.device(device).type == 'cuda' and not ta.get('use_cpu') and compute in _MIXED.values():
         return compute, 'quantization_config.bnb_4bit_compute_dtype'  # training_arguments sets bf16/fp16 from it on a GPU
     mp = given if given is not None else str(env.get('ACCELERATE_MIXED_PRECISION', 'no')).lower()
-    return _MIXED.get(mp, torch.bfloat16 if mp == 'fp8' else None), f'the mixed precision {mp} (mixed_precision in the accelerate config)'
+    dtype = _MIXED.get(mp, torch.bfloat16 if mp == 'fp8' else None)
+    return dtype, f'the mixed precision {mp} (mixed_precision in the accelerate config)'
 
-def check_distributed(config: Config, device=None, env=None, mixed_precision: str | None = None, bf16_ok: bool | None = None) -> dict:
+def check_distributed(config: Config, device=None, env=None, mixed_precision: str | None = None,
+                      bf16_ok: bool | None = None) -> dict:
     "Refuse FSDP settings that cannot train, or that would train on scrambled 4-bit weights; return what was checked."
     env, ta, q = os.environ if env is None else env, config.training_args, config.quantization_config
     device = torch.device(device or default_device())
@@ -62,34 +64,37 @@ def check_distributed(config: Config, device=None, env=None, mixed_precision: st
     version, vsrc = fsdp_version(env, ta)
     d['fsdp_version'] = version
     if device.type not in FSDP_DEVICES:
-        raise ConfigError(f'FSDP on a {device.type}: accelerate runs FSDP on CUDA GPUs only, and elsewhere drops it without a word '
-                          '(each process would hold the whole model). On a CPU train data-parallel instead: '
-                          'accelerate launch --config_file configs/accelerate/ddp.yaml ...')
+        raise ConfigError(f'FSDP on a {device.type}: accelerate runs FSDP on CUDA GPUs only, and elsewhere drops it '
+                          'without a word (each process would hold the whole model). On a CPU train data-parallel '
+                          'instead: accelerate launch --config_file configs/accelerate/ddp.yaml ...')
     if version != 2:
         raise ConfigError(f'FSDP version {version} (from {vsrc}): qlora_nb trains with FSDP2 only. FSDP1 flattens each '
-                          'block into one tensor, which cannot hold 4-bit weights next to the float32 norms and adapters; '
-                          'set fsdp_version: 2 (as configs/accelerate/fsdp_qlora.yaml does)')
+                          'block into one tensor, which cannot hold 4-bit weights next to the float32 norms and '
+                          'adapters; set fsdp_version: 2 (as configs/accelerate/fsdp_qlora.yaml does)')
     if not q.load_in_4bit: return d
     compute = compute_dtype(q, device, bf16_ok)
     saved = saved_quantization(check_model_source(config.model_name_or_path, config.config_path, config.trust_remote_code))
     storage = quant_storage(q, compute, True, saved)
-    where = (f'model_name_or_path: {config.model_name_or_path} is pre-quantized with bnb_4bit_quant_storage {_dt(storage)}' if saved else
-             f'quantization_config.bnb_4bit_quant_storage: {_dt(storage)}')
-    fix = ('quantize it again with bnb_4bit_quant_storage = the compute dtype, or train from the unquantized model' if saved else
-           f'use auto (= {_dt(compute)}, the compute dtype)')
+    if saved:
+        where = f'model_name_or_path: {config.model_name_or_path} is pre-quantized with bnb_4bit_quant_storage {_dt(storage)}'
+        fix = 'quantize it again with bnb_4bit_quant_storage = the compute dtype, or train from the unquantized model'
+    else:
+        where = f'quantization_config.bnb_4bit_quant_storage: {_dt(storage)}'
+        fix = f'use auto (= {_dt(compute)}, the compute dtype)'
     mp, src = _mixed_precision(ta, compute, device, env, mixed_precision)
     d.update(compute_dtype=_dt(compute), quant_storage=_dt(storage), mixed_precision=_dt(mp) if mp else 'no')
     if not storage.is_floating_point:
-        raise ConfigError(f'{where}, under FSDP: FSDP shards only floating-point tensors, so 4-bit weights packed in {_dt(storage)} '
-                          f'stay whole on every GPU (no memory saved) or get cast, which scrambles them; {fix}')
+        raise ConfigError(f'{where}, under FSDP: FSDP shards only floating-point tensors, so 4-bit weights packed in '
+                          f'{_dt(storage)} stay whole on every GPU (no memory saved) or get cast, which scrambles them; {fix}')
     if storage != compute:
-        raise ConfigError(f'{where}, but the model computes in {_dt(compute)} (quantization_config.bnb_4bit_compute_dtype): under FSDP '
-                          f'every parameter is held and cast in one dtype, and a cast of packed 4-bit weights scrambles them; {fix}')
+        raise ConfigError(f'{where}, but the model computes in {_dt(compute)} (quantization_config.bnb_4bit_compute_dtype): '
+                          'under FSDP every parameter is held and cast in one dtype, and a cast of packed 4-bit weights '
+                          f'scrambles them; {fix}')
     if mp is not None and mp != storage:
-        raise ConfigError(f'{src} makes FSDP cast every parameter to {_dt(mp)}, but the 4-bit weights are packed in {_dt(storage)}: '
-                          'the cast rewrites the packed bytes and the model trains on garbage without any error. Make them agree: '
-                          f'mixed precision {"bf16" if storage == torch.bfloat16 else "fp16" if storage == torch.float16 else "no"}, '
-                          f'or bnb_4bit_compute_dtype {_dt(mp)}')
+        agree = {torch.bfloat16: 'bf16', torch.float16: 'fp16'}.get(storage, 'no')
+        raise ConfigError(f'{src} makes FSDP cast every parameter to {_dt(mp)}, but the 4-bit weights are packed in '
+                          f'{_dt(storage)}: the cast rewrites the packed bytes and the model trains on garbage without any '
+                          f'error. Make them agree: mixed precision {agree}, or bnb_4bit_compute_dtype {_dt(mp)}')
     return d
 
 # %% ../nbs/11_distributed.ipynb #5c322ff7
@@ -97,10 +102,10 @@ def check_launch(args, env=None):
     "Raise `ConfigError` when this process is one of several (WORLD_SIZE > 1) that the `Trainer` will not train together."
     ws = dist_env(env)['world_size']
     if ws > 1 and args.world_size != ws:
-        raise ConfigError(f'this process is one of {ws} that torchrun/accelerate started (WORLD_SIZE={ws}), but the Trainer sees '
-                          f'{args.world_size}: each would train the whole job alone, writing over the others in output_dir. '
-                          'On a machine without GPUs the processes need training_args.use_cpu=true (qlora_nb sets it unless '
-                          'the config says otherwise) or ACCELERATE_USE_CPU=true')
+        raise ConfigError(f'this process is one of {ws} that torchrun/accelerate started (WORLD_SIZE={ws}), but the '
+                          f'Trainer sees {args.world_size}: each would train the whole job alone, writing over the others '
+                          'in output_dir. On a machine without GPUs the processes need training_args.use_cpu=true '
+                          '(qlora_nb sets it unless the config says otherwise) or ACCELERATE_USE_CPU=true')
 
 # %% ../nbs/11_distributed.ipynb #a3e8ce87
 def check_shared_output(out, args):
@@ -114,9 +119,9 @@ def check_shared_output(out, args):
     st.wait_for_everyone()
     if st.is_main_process: token.unlink(missing_ok=True)
     if not seen:
-        raise ConfigError(f'output_dir: {out} is not shared between the machines of this run (process {st.process_index} does not see '
-                          'what the main process wrote there); checkpoints are assembled from every process in one folder: put '
-                          'output_dir on a file system all machines mount (NFS, Lustre, ...)')
+        raise ConfigError(f'output_dir: {out} is not shared between the machines of this run (process {st.process_index} '
+                          'does not see what the main process wrote there); checkpoints are assembled from every process '
+                          'in one folder: put output_dir on a file system all machines mount (NFS, Lustre, ...)')
 
 # %% ../nbs/11_distributed.ipynb #61dd74b5
 FSDP_MODEL = 'pytorch_model_fsdp'  # accelerate's name for the model in an FSDP checkpoint: a folder of shards, or one .bin
@@ -130,13 +135,13 @@ def check_resume_launch(ckpt, config: Config, env=None):
     if sharded == fsdp: return
     how = ('accelerate launch --config_file configs/accelerate/fsdp_qlora.yaml' if sharded else
            'plain qlora_nb_train, or accelerate launch --config_file configs/accelerate/ddp.yaml')
-    raise TrainError(f'cannot resume from {ckpt}: it was written ' + ('with FSDP (in pytorch_model_fsdp*)' if sharded else 'without FSDP')
-                     + ' and this run ' + ('does not use FSDP' if sharded else 'does') + f'. Start it as it was started: {how}; '
-                     'or start again with --overwrite')
+    was, now = ('with FSDP (in pytorch_model_fsdp*)', 'does not use FSDP') if sharded else ('without FSDP', 'does')
+    raise TrainError(f'cannot resume from {ckpt}: it was written {was} and this run {now}. Start it as it was started: '
+                     f'{how}; or start again with --overwrite')
 
 # %% ../nbs/11_distributed.ipynb #f0d6f2af
 def save_adapter(trainer, out_dir):
-    "Write the trainer's adapter (PEFT safetensors) and tokenizer to `out_dir` from the main process; under FSDP every process must call it."
+    "Write the trainer's adapter (PEFT safetensors) and tokenizer to `out_dir`; under FSDP every process must call it."
     from torch.distributed.fsdp import FSDPModule
     for m in trainer.model.modules():  # FSDP keeps the root's parameters gathered after a forward pass, cast to the
         if isinstance(m, FSDPModule): m.reshard()  # mixed-precision dtype: back to the float32 shards first
