@@ -349,19 +349,20 @@ def main():
         results['legs'].append(r); save(); return r
 
     def over(**ta): return {**common, **ta}
+    m7, m72 = ('tiny (for 7B)', 'tiny pre-quantized (for 72B)') if a.smoke else ('7B', '72B')
     if a.part in ('all', 'ddp'):
         if not a.smoke:
             t = time.time()
             subprocess.run([sys.executable, '-c', BUILD7, str(REPO/'bench'), str(model7), str(tok_dir)], check=True,
                            env=dict(os.environ, CUDA_VISIBLE_DEVICES='0', **SAFE_ENV))
             results['build_7b_s'] = round(time.time() - t, 1)
-        A = leg('A', '7B, 1 GPU, batch 1 x acc %d' % ga, 90,
+        A = leg('A', f'{m7}, 1 GPU, batch 1 x acc {ga}', 90,
                 cfg_path=write_config(work, 'A', model7, base, over(max_steps=a.steps, gradient_accumulation_steps=ga), data7), nproc=1,
                 env=None if a.smoke else dict(CUDA_VISIBLE_DEVICES='0'))
-        B = leg('B', '7B, 2 GPUs DDP, batch 1 x acc %d (same per GPU)' % ga, 90, nproc=2, accel_cfg=ACC/'ddp.yaml', port=29511,
+        B = leg('B', f'{m7}, 2 GPUs DDP, batch 1 x acc {ga} (same per GPU)', 90, nproc=2, accel_cfg=ACC/'ddp.yaml', port=29511,
                 cfg_path=write_config(work, 'B', model7, base, over(max_steps=a.steps, gradient_accumulation_steps=ga), data7))
         if a.part == 'all' and left() > 300: builder = build72()  # overlaps leg C: its losses matter there, not its speed
-        C = leg('C', '7B, 2 GPUs DDP, batch 1 x acc %d (same global batch as A)' % (ga // 2), 80, nproc=2, accel_cfg=ACC/'ddp.yaml', port=29512,
+        C = leg('C', f'{m7}, 2 GPUs DDP, batch 1 x acc {ga // 2} (same global batch as A)', 80, nproc=2, accel_cfg=ACC/'ddp.yaml', port=29512,
                 cfg_path=write_config(work, 'C', model7, base, over(max_steps=a.steps, gradient_accumulation_steps=ga // 2), data7))
         if A and B and A['tokens_per_s'] and B['tokens_per_s']: results['ddp_speedup'] = round(B['tokens_per_s'] / A['tokens_per_s'], 3)
         if A and C: results['parity'] = parity(A['steps'], C['steps'], a.parity_tol)
@@ -379,7 +380,7 @@ def main():
         if (model72/'config.json').exists():
             fsdp_ta = over(max_steps=a.fsdp_steps, gradient_accumulation_steps=1, per_device_train_batch_size=1,
                            save_strategy='steps', save_steps=max(1, a.fsdp_steps - 1))
-            F = leg('F', f'72B, 2 GPUs FSDP2, batch 1 x acc 1, max_length {a.fsdp_max_length}', 150, nproc=2, accel_cfg=ACC/'fsdp_qlora.yaml',
+            F = leg('F', f'{m72}, 2 GPUs FSDP2, batch 1 x acc 1, max_length {a.fsdp_max_length}', 150, nproc=2, accel_cfg=ACC/'fsdp_qlora.yaml',
                     port=29513, env=fsdp_env, cfg_path=write_config(work, 'F', model72, base, fsdp_ta,
                                                                      dict(max_length=a.fsdp_max_length if not a.smoke else 256), quant72))
             if F and F['rc'] != 0 and not F['steps_done'] and left() > 200 and not a.smoke:  # retry once without HF checkpointing
