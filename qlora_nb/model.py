@@ -6,8 +6,9 @@
 __all__ = ['QWEN_MODEL_TYPES', 'STOP_TOKENS', 'MODEL_ENV', 'ModelLoadError', 'local_model_dir', 'explain_hub_error',
            'hub_offline', 'hub_reachable', 'offline_unless_reachable', 'explained_errors', 'check_model_source',
            'ensure_pad_token', 'load_tokenizer', 'default_device', 'bf16_supported', 'compute_dtype',
-           'rounding_tolerance', 'bnb_config', 'is_fsdp', 'device_map', 'stop_token_ids', 'set_stop_tokens',
-           'model_report', 'keep_cpu_layout', 'load_model', 'input_device', 'free_memory', 'model_override']
+           'rounding_tolerance', 'bnb_config', 'is_fsdp', 'device_map', 'saved_quantization', 'quant_storage',
+           'stop_token_ids', 'set_stop_tokens', 'model_report', 'keep_cpu_layout', 'load_model', 'input_device',
+           'free_memory', 'model_override']
 
 # %% ../nbs/03_model.ipynb #f7afcc78
 import gc, logging, math, os, socket, threading, warnings
@@ -243,19 +244,34 @@ def bnb_config(qcfg, device=None, quant_storage=None):
                               bnb_4bit_quant_storage=quant_storage or torch.uint8)
 
 # %% ../nbs/03_model.ipynb #2aaa29f7
-def is_fsdp(env=None) -> bool:
-    "Whether this process was started by `accelerate launch` with FSDP."
+_TRUE = ('1', 'true', 'yes', 'on')
+
+def is_fsdp(env=None, training_args: dict | None = None) -> bool:
+    "Whether this run shards the model with FSDP: started by `accelerate launch` with FSDP, or `training_args.fsdp` set."
     env = os.environ if env is None else env
-    return str(env.get('ACCELERATE_USE_FSDP', '')).lower() in ('1', 'true')
+    fsdp = (training_args or {}).get('fsdp')
+    return str(env.get('ACCELERATE_USE_FSDP', '')).lower() in _TRUE or fsdp not in (None, '', 'no', [], False)
 
 def device_map(device=None, env=None):
     "The `device_map` for `from_pretrained`: the CPU, one GPU, or this process's GPU (`LOCAL_RANK`) under torchrun."
     env = os.environ if env is None else env
     device = torch.device(device or default_device())
     if device.type != 'cuda': return {'': device.type}
-    if is_fsdp(env): return None
-    if int(env.get('WORLD_SIZE', 1)) > 1: return {'': int(env.get('LOCAL_RANK', 0))}
+    if int(env.get('WORLD_SIZE', 1)) > 1: return {'': int(env.get('LOCAL_RANK', 0))}  # DDP and FSDP alike
     return {'': device.index or 0}
+
+# %% ../nbs/03_model.ipynb #4021f0a2
+def saved_quantization(hf_config) -> dict | None:
+    "The bitsandbytes 4-bit settings a pre-quantized checkpoint's config holds (as a dict), else None."
+    q = getattr(hf_config, 'quantization_config', None)
+    q = q.to_dict() if hasattr(q, 'to_dict') else q
+    return q if isinstance(q, dict) and q.get('quant_method') == 'bitsandbytes' and q.get('load_in_4bit') else None
+
+def quant_storage(qcfg, compute: torch.dtype, fsdp: bool, saved: dict | None = None) -> torch.dtype:
+    "The dtype the packed 4-bit weights are held in: a pre-quantized checkpoint's (`saved`), else the config's; auto: uint8, `compute` under FSDP."
+    name = (saved or {}).get('bnb_4bit_quant_storage') or getattr(qcfg, 'bnb_4bit_quant_storage', 'auto')
+    if name == 'auto': return compute if fsdp else torch.uint8
+    return getattr(torch, str(name).removeprefix('torch.'))
 
 # %% ../nbs/03_model.ipynb #aff3356d
 STOP_TOKENS = ('<|im_end|>', '<|endoftext|>')
@@ -308,11 +324,12 @@ def load_model(config, tokenizer=None, device=None):
     "Load `config.model_name_or_path` for (Q)LoRA training as `config.quantization_config` says; return the model."
     from transformers import AutoModelForCausalLM
     name, qcfg, trc = config.model_name_or_path, config.quantization_config, config.trust_remote_code
-    check_model_source(name, config.config_path, trc)
+    hf_cfg = check_model_source(name, config.config_path, trc)
     tokenizer = tokenizer or load_tokenizer(config)
     device = torch.device(device or default_device())
     dtype = compute_dtype(qcfg, device)
-    q = bnb_config(qcfg, device, quant_storage=dtype if is_fsdp() else None)
+    storage = quant_storage(qcfg, dtype, is_fsdp(training_args=config.training_args), saved_quantization(hf_cfg))
+    q = bnb_config(qcfg, device, quant_storage=storage)
     try:
         with explained_errors(name, config.config_path, 'model weights'):
             model = AutoModelForCausalLM.from_pretrained(name, quantization_config=q, dtype=dtype,
