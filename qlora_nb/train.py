@@ -19,6 +19,8 @@ from .config import Config, ConfigError, QloraError, EXIT_LOCKED, EXIT_TRAIN, EX
 from .chatml import TRUNCATION, PadCollator, examples
 from .model import compute_dtype, free_memory, input_device, is_fsdp, load_tokenizer, load_model
 from .lora import add_lora
+from .distributed import (check_distributed, check_launch, check_resume_launch, check_shared_output, distributed_args,
+                                  save_adapter)
 from .packing import (ROWS, VARLEN, PackCollator, PackedTrainerMixin, _round_up, attention_kernel, example_lengths,
                               use_packing, varlen_kwargs)
 
@@ -375,6 +377,11 @@ class QLoRATrainer(PackedTrainerMixin, Trainer):
             rotate_checkpoints(run_dir, self.args.save_total_limit, keep=[final, self.state.best_model_checkpoint])
         self.accelerator.wait_for_everyone()
 
+    def save_model(self, output_dir=None, _internal_call=False):
+        "The adapter; under FSDP its LoRA weights gathered from the shards and written by the main process."
+        if self.is_fsdp_enabled: save_adapter(self, output_dir or self.args.output_dir)
+        else: super().save_model(output_dir, _internal_call)
+
     def training_step(self, model, inputs, num_items_in_batch=None):
         loss = super().training_step(model, inputs, num_items_in_batch)
         if not torch.isfinite(loss).all():
@@ -431,9 +438,11 @@ def resolve_resume(config: Config, overwrite: bool = False) -> Path | None:
         if probs := checkpoint_problems(r):
             raise TrainError(f'resume_from_checkpoint: cannot resume from {r}: ' + '; '.join(probs) +
                              f'. Point it at a complete checkpoint-N folder, or set resume_from_checkpoint: true for the newest sound one in {out}')
-        print(f'Resuming from {r}'); return Path(r)
+        if _is_main(): print(f'Resuming from {r}')
+        return Path(r)
     if r and (last := find_last_checkpoint(out)):
-        print(f'Resuming from {last} (the newest complete checkpoint in {out})'); return last
+        if _is_main(): print(f'Resuming from {last} (the newest complete checkpoint in {out})')
+        return last
     ckpts, done = [n for n in owned if checkpoint_step(n) is not None], [n for n in owned if n in _FINISHED]
     if ckpts or done or (owned and not r):
         why = ('resume_from_checkpoint is false' if not r else
@@ -551,7 +560,7 @@ def _has_tensorboard():
 def training_arguments(config: Config, has_eval: bool = True, compute_dtype: torch.dtype | None = None,
                        plan=None) -> TrainingArguments:
     "`TrainingArguments` from `config.training_args` plus this pipeline's settings (and a fast-style `SpeedPlan`'s)."
-    ta = dict(config.training_args)
+    ta = distributed_args(config.training_args)  # DDP/FSDP defaults (11_distributed); a copy
     known = {f.name for f in dataclasses.fields(TrainingArguments)}
     gc = 'activation_checkpointing' if 'activation_checkpointing' in known else 'gradient_checkpointing'
     for old in ('gradient_checkpointing', 'gradient_checkpointing_kwargs'):
@@ -1180,6 +1189,9 @@ def train(config: Config,  # from `load_config(path, overrides)`
         reports = {'train': train_rep, 'eval': eval_rep}
         if _is_main(): report_examples(reports)
         args = training_arguments(config, has_eval=bool(eval_ex), compute_dtype=compute_dtype(config.quantization_config))
+        # several processes: launched as one job, FSDP settings that keep the 4-bit weights intact, one shared output_dir
+        check_distributed(config, mixed_precision=args.mixed_precision); check_launch(args)
+        check_shared_output(out, args); check_resume_launch(resume, config)
         _log.debug('training arguments: %s', args)
         base = base_model_info(config)
         fp = run_fingerprint(config, tokenizer, args, base)
@@ -1215,7 +1227,7 @@ def train(config: Config,  # from `load_config(path, overrides)`
         finally:
             while plan.undo: plan.undo.pop()()  # Liger's patches of transformers, before anything else runs
             if _is_main(): shutil.rmtree(out/(trainer._staging_name or f'{STAGING}-{os.getpid()}'), ignore_errors=True)
-        if eval_ex and args.eval_strategy != 'no' and not any('eval_loss' in r and r['step'] == trainer.state.global_step for r in read_metrics(out/METRICS)):
+        if eval_ex and args.eval_strategy != 'no' and not any('eval_loss' in r and r.get('step') == trainer.state.global_step for r in trainer.state.log_history):  # the same on every process
             trainer.evaluate()
         staging = trainer.staging_dir(out)
         trainer.save_model(str(staging/'lora_adapter'))  # the adapter (PEFT, safetensors) and the tokenizer
