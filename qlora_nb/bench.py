@@ -425,5 +425,4 @@ def bench_cli(preset: str = '7B',  # model shape: 0.5B, 1.5B, 3B, 7B, 14B, 32B, 
     return run_command(bench, preset, rows, out, work, tokenizer, data, warmup, steps, time_budget, smoke)
 
 # %% ../nbs/10_bench.ipynb #02249dc2
-#| eval: false
-if __name__ == '__main__': sys.exit(bench_cli())
+if __name__ == '__main__' and Path(sys.argv[0]).name == 'bench.py': sys.exit(bench_cli())  # python -m qlora_nb.bench
