@@ -405,6 +405,12 @@ def alllinear(c: Check, model: Path):
           cmdline=f"qlora_nb_train config.yaml {' '.join(ov)}", parse=parse)
     shutil.rmtree(out/'final_model', ignore_errors=True)
 
+    def broken(r, t):  # the correct merge passes, a doubled scale and an unmerged layer are refused (issue 7 item 4)
+        r['notes'] = '; '.join(l for l in t.splitlines() if l.startswith(('{"case"', 'merge check ')))[:900]
+    c.run('alllinear', 'merge check: correct vs broken merges', [sys.executable, str(REPO/'bench/gpu_merge_check.py'),
+          str(REPO/'config.yaml')] + ov, c.a.step_timeout, cmdline='python bench/gpu_merge_check.py config.yaml ...', parse=broken)
+    shutil.rmtree(out/'final_model_gpu_check', ignore_errors=True)
+
 
 def monitor(c: Check, stop: threading.Event):
     "Sample GPU memory in use (nvidia-smi) and free disk in the work dir every few seconds."
