@@ -4,7 +4,7 @@
 
 # %% ../nbs/06_export.ipynb #27898a28
 from __future__ import annotations
-import contextlib, dataclasses, errno, json, os, re, shutil, time
+import contextlib, dataclasses, errno, json, logging, os, re, shutil, time, warnings
 from dataclasses import dataclass
 from pathlib import Path
 import torch
@@ -35,7 +35,10 @@ def _bnb_layers(model) -> list[str]:
 def dequantize_model(model, dtype: torch.dtype | None = None):
     "Replace each bitsandbytes 4-bit Linear of `model` by an `nn.Linear` with its dequantized weight in `dtype` (default: the compute dtype)."
     dtype = dtype or model_compute_dtype(model)
-    model = keep_cpu_layout(model).dequantize(dtype=dtype)
+    bnb_log = logging.getLogger('transformers.integrations.bitsandbytes')
+    level, bnb_log.level = bnb_log.level, logging.ERROR  # its note only restates the dtype asked for here
+    try: model = keep_cpu_layout(model).dequantize(dtype=dtype)
+    finally: bnb_log.setLevel(level)
     if left := _bnb_layers(model): raise TrainError(f'dequantize_model: {len(left)} quantized layers left ({left[0]}, ...)')
     return model
 
@@ -332,7 +335,9 @@ def merge_adapter(config: Config,  # the run's config (base model, quantization,
     check_adapter(adapter_dir, config.model_name_or_path, config.trust_remote_code)  # its config and shapes, before PEFT reads it
     staging, existed = out_dir.parent/f'{STAGING}-{out_dir.name}-{os.getpid()}', out_dir.exists()
     try:
-        with output_lock(out, 'merge'), exact_float32():
+        with output_lock(out, 'merge'), exact_float32(), warnings.catch_warnings():
+            # PEFT 0.21 still asks transformers 5.2x for `is_gradient_checkpointing` (renamed): harmless, not the user's
+            warnings.filterwarnings('ignore', message='.*is_gradient_checkpointing.* deprecated', category=FutureWarning)
             if removed := stale_staging(out_dir):
                 for p in removed: shutil.rmtree(p, ignore_errors=True)
                 print(f'removed what interrupted exports left: {", ".join(p.name for p in removed)}')
