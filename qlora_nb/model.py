@@ -22,6 +22,9 @@ from .chatml import IM_END, token_id
 # bitsandbytes 0.50 on a CPU tries to fetch an optional kernel from the Hub and warns when it can't; qlora_nb never
 # downloads at run time, so that one logger is quieted (set before bitsandbytes is first imported by anything).
 logging.getLogger('bitsandbytes.backends.cpu.ops').setLevel(logging.ERROR)
+# PEFT 0.21 still calls transformers 5.2x's `is_gradient_checkpointing` (renamed `is_activation_checkpointing`) whenever
+# it wraps or loads an adapter; the FutureWarning is PEFT's to fix and says nothing about the user's run.
+warnings.filterwarnings('ignore', message='.*is_gradient_checkpointing.* deprecated', category=FutureWarning)
 
 # %% ../nbs/03_model.ipynb #6a879e1e
 _log = logging.getLogger(__name__)
