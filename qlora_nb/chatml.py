@@ -114,7 +114,7 @@ def encode_messages(messages: list[dict],  # [{'role', 'content'}, ...] with at 
     if ex is None: raise ValueError(f'this conversation gives no training example: {status}')
     return ex
 
-# %% ../nbs/02_chatml.ipynb #b1739e04
+# %% ../nbs/02_chatml.ipynb #5e901d69
 def encode_batch(records: list[dict],  # validated records
                  tokenizer,  # a fast tokenizer with a chat template
                  max_length: int | None = 1024, truncation: str = 'truncate', default_system: str | None = None
@@ -259,7 +259,7 @@ class PadCollator:
             mask[i, :k] = torch.as_tensor(e['attention_mask']) if 'attention_mask' in e else 1
         return {'input_ids': ids, 'labels': labels, 'attention_mask': mask}
 
-# %% ../nbs/02_chatml.ipynb #7d2b988e
+# %% ../nbs/02_chatml.ipynb #a8978def
 FORMAT = 1  # what an entry stores: bump it when the columns change
 BATCH = 512  # records per tokenizer call
 SMALL = 20_000  # fewer records than this are encoded in this process (a pool takes seconds to start)
@@ -279,7 +279,7 @@ def _features():
                      '_open': Value('bool'),     # keep_head: its last answer kept without its end
                      '_lost': Value('int32')})   # assistant turns lost to the cut
 
-# %% ../nbs/02_chatml.ipynb #c03ea736
+# %% ../nbs/02_chatml.ipynb #abc28f9e
 def _audit_fast(ids: np.ndarray, lab: np.ndarray, offsets: np.ndarray, im_end: int, open_len: int | None = None) -> int | None:
     "The index of the first example (between `offsets`) that `audit_examples` would refuse, or None; `open_len`: keep_head's max_length."
     starts, ends, t = offsets[:-1], offsets[1:], lab != -100
@@ -293,7 +293,7 @@ def _audit_fast(ids: np.ndarray, lab: np.ndarray, offsets: np.ndarray, im_end: i
     if len(wrong): bad[np.searchsorted(offsets, wrong, side='right') - 1] = True
     return int(np.flatnonzero(bad)[0]) if bad.any() else None
 
-# %% ../nbs/02_chatml.ipynb #a4d6543b
+# %% ../nbs/02_chatml.ipynb #1781d385
 _READERS: dict = {}  # per process: the reader left where the last chunk ended
 
 def _chunk_records(src: Source, s: int, first: int, end: int, offset: int, pos: int):
@@ -339,14 +339,14 @@ def _encode_chunk(batch: dict, tokenizer, settings: dict, report_dir: str):
                      '_idx': pa.array(cols['idx'], pa.int64()), '_ntok': pa.array(cols['ntok'], pa.int32()), '_trained': pa.array(trained),
                      '_cut': pa.array(cols['cut'], pa.bool_()), '_open': pa.array(cols['open'], pa.bool_()), '_lost': pa.array(cols['lost'], pa.int32())})
 
-# %% ../nbs/02_chatml.ipynb #5f884284
+# %% ../nbs/02_chatml.ipynb #5856692e
 def make_chunks(scan) -> list[dict]:
     "The chunks of a scan: source, first record, end record, and the byte offset (or row) and line where the first is."
     bounds = list(scan.index) + [(None, scan.n_records, None, None)]
     return [{'source': s, 'first': first, 'end': nxt, 'offset': off, 'pos': pos}
             for (s, first, off, pos), (_, nxt, _, _) in zip(bounds[:-1], bounds[1:])]
 
-# %% ../nbs/02_chatml.ipynb #0a77ce31
+# %% ../nbs/02_chatml.ipynb #04971dfc
 def code_hash() -> str:
     "sha256 of `FORMAT` and of the source of the modules that read, check and encode records."
     import qlora_nb.data, qlora_nb.chatml
@@ -371,7 +371,7 @@ def fingerprint(sources: list[Source], digests: list[str], tokenizer, max_length
              'max_length': max_length, 'truncation': truncation, 'default_system': default_system}
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:32], parts
 
-# %% ../nbs/02_chatml.ipynb #d99bbfc5
+# %% ../nbs/02_chatml.ipynb #dfc8536d
 def _cores() -> int:
     try: return len(os.sched_getaffinity(0))
     except AttributeError: return os.cpu_count() or 1
@@ -434,7 +434,7 @@ def _check_space(folder: Path, sources: list[Source]):
         warnings.warn(f'{folder}: {free / 2**30:.1f} GiB free; the encoded examples may need about {need / 2**30:.1f} GiB '
                       '(set data.cache_dir or QLORA_NB_CACHE to a bigger disk)')
 
-# %% ../nbs/02_chatml.ipynb #0e89fd7b
+# %% ../nbs/02_chatml.ipynb #3f52f3c0
 @dataclass(repr=False)
 class Encoded:
     "Every example of one data set (all columns), its manifest, and whether it came from the cache."
@@ -526,7 +526,7 @@ def data_info(enc: Encoded) -> dict:
             'cache': str(enc.entry), 'reused': enc.warm, 'records': enc.n_records, 'examples': len(enc.dataset),
             'sources': [{'name': s.name, 'kind': s.kind, 'sha256': d['sha256']} for s, d in zip(enc.sources, src)]}
 
-# %% ../nbs/02_chatml.ipynb #ffbb1745
+# %% ../nbs/02_chatml.ipynb #1c06ebd7
 def view(enc: Encoded,
          keep: np.ndarray | None = None,  # a mask over record indices (`held_out` or its negation); None: all records
          max_length=None, truncation='truncate') -> tuple:
@@ -550,7 +550,7 @@ def view(enc: Encoded,
                      {'open_ended': int(enc.column('_open')[sel].sum())} if truncation == 'keep_head' else {})
     return ds, rep
 
-# %% ../nbs/02_chatml.ipynb #90096e7e
+# %% ../nbs/02_chatml.ipynb #fc14234a
 def cache_entries(cache_dir=None) -> list[dict]:
     "Each cached data set: its folder, size in bytes, inputs, records, and last use (a time stamp)."
     root, out = cache_root(cache_dir)/'examples', []
