@@ -179,6 +179,9 @@ def main():
     ap.add_argument('--child', default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     args.out = args.out.resolve()
+    if not args.child and not (args.tokenizer/'tokenizer_config.json').is_file() and any(not p.endswith('tiny') for p in args.phases.split(',')):
+        raise SystemExit(f'{args.tokenizer}: no tokenizer there; give --tokenizer (a folder with the Qwen2.5 tokenizer files) '
+                         'or set QLORA_NB_QWEN_TOKENIZER')
     args.data, args.cache, args.workdir = args.out/f'recs_{args.n}.jsonl', args.out/f'cache-{args.n}', args.out/'work'
     if args.child:
         print('RESULT ' + json.dumps(phase(args.child, args), default=str)); return

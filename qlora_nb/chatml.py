@@ -114,18 +114,19 @@ def encode_messages(messages: list[dict],  # [{'role', 'content'}, ...] with at 
     if ex is None: raise ValueError(f'this conversation gives no training example: {status}')
     return ex
 
-# %% ../nbs/02_chatml.ipynb #5e901d69
-def encode_batch(records: list[dict],  # validated records
+# %% ../nbs/02_chatml.ipynb #3478bca4
+def encode_batch(records: list[dict],  # records (checked again unless `checked`)
                  tokenizer,  # a fast tokenizer with a chat template
-                 max_length: int | None = 1024, truncation: str = 'truncate', default_system: str | None = None
+                 max_length: int | None = 1024, truncation: str = 'truncate', default_system: str | None = None,
+                 checked: bool = False  # the records were checked as they were read
                 ) -> list[tuple]:
     "`(example or None, what happened, assistant turns lost, tokens of the full example)` for each record."
-    convs = [to_messages(r, default_system) for r in records]
+    convs = [to_messages(r, default_system, check=not checked) for r in records]
     texts = [chat_text(m, tokenizer) for m in convs]
     out = []
     for m, t, enc in zip(convs, texts, tokenize_texts(texts, tokenizer)):
         ex, status, lost = _finish(enc.ids, token_ranges(enc, assistant_spans(m, t, tokenizer)), max_length, truncation)
-        out.append((ex, status, lost, len(enc.ids)))
+        out.append((ex, status, lost, len(enc)))
     return out
 
 # %% ../nbs/02_chatml.ipynb #4b6fc857
@@ -259,7 +260,7 @@ class PadCollator:
             mask[i, :k] = torch.as_tensor(e['attention_mask']) if 'attention_mask' in e else 1
         return {'input_ids': ids, 'labels': labels, 'attention_mask': mask}
 
-# %% ../nbs/02_chatml.ipynb #a8978def
+# %% ../nbs/02_chatml.ipynb #cc73beb5
 FORMAT = 1  # what an entry stores: bump it when the columns change
 BATCH = 512  # records per tokenizer call
 SMALL = 20_000  # fewer records than this are encoded in this process (a pool takes seconds to start)
@@ -279,7 +280,7 @@ def _features():
                      '_open': Value('bool'),     # keep_head: its last answer kept without its end
                      '_lost': Value('int32')})   # assistant turns lost to the cut
 
-# %% ../nbs/02_chatml.ipynb #abc28f9e
+# %% ../nbs/02_chatml.ipynb #8dbb8aaf
 def _audit_fast(ids: np.ndarray, lab: np.ndarray, offsets: np.ndarray, im_end: int, open_len: int | None = None) -> int | None:
     "The index of the first example (between `offsets`) that `audit_examples` would refuse, or None; `open_len`: keep_head's max_length."
     starts, ends, t = offsets[:-1], offsets[1:], lab != -100
@@ -293,7 +294,7 @@ def _audit_fast(ids: np.ndarray, lab: np.ndarray, offsets: np.ndarray, im_end: i
     if len(wrong): bad[np.searchsorted(offsets, wrong, side='right') - 1] = True
     return int(np.flatnonzero(bad)[0]) if bad.any() else None
 
-# %% ../nbs/02_chatml.ipynb #1781d385
+# %% ../nbs/02_chatml.ipynb #b07dfea1
 _READERS: dict = {}  # per process: the reader left where the last chunk ended
 
 def _chunk_records(src: Source, s: int, first: int, end: int, offset: int, pos: int):
@@ -319,7 +320,7 @@ def _encode_chunk(batch: dict, tokenizer, settings: dict, report_dir: str):
     recs = list(_chunk_records(src, s, first, end, offset, pos))
     for b in range(0, len(recs), BATCH):
         part = recs[b:b + BATCH]
-        for (i, p, _), (ex, status, lost, ntok) in zip(part, encode_batch([r for *_, r in part], tokenizer, ml, tr, settings['default_system'])):
+        for (i, p, _), (ex, status, lost, ntok) in zip(part, encode_batch([r for *_, r in part], tokenizer, ml, tr, settings['default_system'], checked=True)):
             rep['tokens'][ntok] = rep['tokens'].get(ntok, 0) + 1
             if ex is None: rep['dropped'].append([i, s, p, status, ntok]); continue
             for k, v in zip(cols, (ex['input_ids'], ex['labels'], p, i, ntok, status in ('cut', 'head'), status == 'head', lost)): cols[k].append(v)
@@ -339,14 +340,14 @@ def _encode_chunk(batch: dict, tokenizer, settings: dict, report_dir: str):
                      '_idx': pa.array(cols['idx'], pa.int64()), '_ntok': pa.array(cols['ntok'], pa.int32()), '_trained': pa.array(trained),
                      '_cut': pa.array(cols['cut'], pa.bool_()), '_open': pa.array(cols['open'], pa.bool_()), '_lost': pa.array(cols['lost'], pa.int32())})
 
-# %% ../nbs/02_chatml.ipynb #5856692e
+# %% ../nbs/02_chatml.ipynb #3d6d0df0
 def make_chunks(scan) -> list[dict]:
     "The chunks of a scan: source, first record, end record, and the byte offset (or row) and line where the first is."
     bounds = list(scan.index) + [(None, scan.n_records, None, None)]
     return [{'source': s, 'first': first, 'end': nxt, 'offset': off, 'pos': pos}
             for (s, first, off, pos), (_, nxt, _, _) in zip(bounds[:-1], bounds[1:])]
 
-# %% ../nbs/02_chatml.ipynb #04971dfc
+# %% ../nbs/02_chatml.ipynb #e134d414
 def code_hash() -> str:
     "sha256 of `FORMAT` and of the source of the modules that read, check and encode records."
     import qlora_nb.data, qlora_nb.chatml
@@ -371,7 +372,7 @@ def fingerprint(sources: list[Source], digests: list[str], tokenizer, max_length
              'max_length': max_length, 'truncation': truncation, 'default_system': default_system}
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:32], parts
 
-# %% ../nbs/02_chatml.ipynb #dfc8536d
+# %% ../nbs/02_chatml.ipynb #8cb9a5f4
 def _cores() -> int:
     try: return len(os.sched_getaffinity(0))
     except AttributeError: return os.cpu_count() or 1
@@ -434,7 +435,7 @@ def _check_space(folder: Path, sources: list[Source]):
         warnings.warn(f'{folder}: {free / 2**30:.1f} GiB free; the encoded examples may need about {need / 2**30:.1f} GiB '
                       '(set data.cache_dir or QLORA_NB_CACHE to a bigger disk)')
 
-# %% ../nbs/02_chatml.ipynb #3f52f3c0
+# %% ../nbs/02_chatml.ipynb #62f0d993
 @dataclass(repr=False)
 class Encoded:
     "Every example of one data set (all columns), its manifest, and whether it came from the cache."
@@ -526,7 +527,7 @@ def data_info(enc: Encoded) -> dict:
             'cache': str(enc.entry), 'reused': enc.warm, 'records': enc.n_records, 'examples': len(enc.dataset),
             'sources': [{'name': s.name, 'kind': s.kind, 'sha256': d['sha256']} for s, d in zip(enc.sources, src)]}
 
-# %% ../nbs/02_chatml.ipynb #1c06ebd7
+# %% ../nbs/02_chatml.ipynb #56e91f84
 def view(enc: Encoded,
          keep: np.ndarray | None = None,  # a mask over record indices (`held_out` or its negation); None: all records
          max_length=None, truncation='truncate') -> tuple:
@@ -550,7 +551,7 @@ def view(enc: Encoded,
                      {'open_ended': int(enc.column('_open')[sel].sum())} if truncation == 'keep_head' else {})
     return ds, rep
 
-# %% ../nbs/02_chatml.ipynb #fc14234a
+# %% ../nbs/02_chatml.ipynb #dfdc6862
 def cache_entries(cache_dir=None) -> list[dict]:
     "Each cached data set: its folder, size in bytes, inputs, records, and last use (a time stamp)."
     root, out = cache_root(cache_dir)/'examples', []

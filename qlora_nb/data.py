@@ -15,9 +15,9 @@ from .config import QloraError
 __all__ = ['ROLES', 'CONTROL_TOKENS', 'BOOKKEEPING', 'DATA_SUFFIXES', 'CHUNK', 'DataError', 'check_instruction', 'check_messages',
            'text_problems', 'check_record', 'record_format', 'to_messages', 'LengthStats', 'LengthHistogram',
            'find_duplicates', 'content_hash', 'duplicate_pairs', 'sniff', 'Source', 'resolve_sources', 'source_sha256',
-           'iter_items', 'StreamStats', 'where_name', 'Scan', 'stat_key', 'scan_data', 'load_records', 'DataStats',
-           'inspect_records', 'format_stats', 'plot_lengths', 'held_out', 'split_records', 'overlap', 'load_split',
-           'cache_root', 'FileHashes', 'source_digests', 'combined_sha256', 'dataset_sha256']
+           'iter_items', 'StreamStats', 'where_name', 'Scan', 'stat_key', 'scan_data', 'load_records', 'head_records',
+           'DataStats', 'inspect_records', 'format_stats', 'plot_lengths', 'held_out', 'split_records', 'overlap',
+           'load_split', 'cache_root', 'FileHashes', 'source_digests', 'combined_sha256', 'dataset_sha256']
 
 # %% ../nbs/01_data.ipynb #50c62820
 class DataError(QloraError, ValueError):
@@ -87,7 +87,7 @@ def check_messages(obj: dict) -> list[str]:
     if roles[-1] != "assistant": return [f"messages[{len(roles)-1}]: the conversation ends with a user turn; end it with an assistant turn"]
     return []
 
-# %% ../nbs/01_data.ipynb #3f572d01
+# %% ../nbs/01_data.ipynb #0c0e74ed
 CONTROL_TOKENS = ('<|im_start|>', '<|im_end|>', '<|endoftext|>')
 _CONTROL = re.compile('|'.join(map(re.escape, CONTROL_TOKENS)))
 _SURROGATE = re.compile('[\ud800-\udfff]')
@@ -191,10 +191,11 @@ def record_format(rec: dict) -> str:
     return 'messages' if 'messages' in rec else 'instruction'
 
 def to_messages(record: dict,  # an instruction record or a {"messages": [...]} record
-                default_system: str | None = None  # system prompt when the record has none; None: the template's own
+                default_system: str | None = None,  # system prompt when the record has none; None: the template's own
+                check: bool = True  # check the record first (False: it was checked as it was read)
                ) -> list[dict]:
     "The chat messages of one record, as `[{'role', 'content'}, ...]`; a `DataError` if the record is not valid."
-    if probs := check_record(record): raise DataError(f"{_where(record)}: {'; '.join(probs)}")
+    if check and (probs := check_record(record)): raise DataError(f"{_where(record)}: {'; '.join(probs)}")
     if record_format(record) == 'messages':
         msgs = [{'role': m['role'], 'content': m['content']} for m in record['messages']]
     else:
@@ -222,7 +223,7 @@ class LengthStats:
 
     def __str__(self): return f"min {self.min} · median {self.median:g} · mean {self.mean:.1f} · p95 {self.p95} · max {self.max}"
 
-# %% ../nbs/01_data.ipynb #15bde403
+# %% ../nbs/01_data.ipynb #5f0a9b5d
 class LengthHistogram:
     "Exact counts of integer lengths, with the `LengthStats` of all of them."
     def __init__(self, counts: dict | None = None): self.counts = {int(k): v for k, v in (counts or {}).items()}
@@ -265,7 +266,7 @@ def find_duplicates(records: list[dict]) -> list[tuple[int, int]]:
         else: first[k] = line
     return pairs
 
-# %% ../nbs/01_data.ipynb #98037311
+# %% ../nbs/01_data.ipynb #c4208254
 def content_hash(rec: dict) -> int:
     "A 64-bit hash of `_content_key(rec)`."
     return int.from_bytes(hashlib.blake2b(_content_key(rec).encode('utf-8', 'surrogatepass'), digest_size=8).digest(), 'little')
@@ -283,7 +284,7 @@ def duplicate_pairs(hashes: np.ndarray) -> list[tuple[int, int]]:
     k = np.argsort(dup, kind='stable')
     return list(zip(first[k].tolist(), dup[k].tolist()))
 
-# %% ../nbs/01_data.ipynb #b91fc86a
+# %% ../nbs/01_data.ipynb #b0d99c23
 _MAGIC = [(b'\x00\x00\xfe\xff', 'utf-32'), (b'\xff\xfe\x00\x00', 'utf-32'), (b'\xfe\xff', 'utf-16'), (b'\xff\xfe', 'utf-16'),
           (b'\x1f\x8b', 'gzip'), (b'BZh', 'bzip2'), (b'\xfd7zXZ\x00', 'xz'), (b'\x28\xb5\x2f\xfd', 'zstd'),
           (b'PK\x03\x04', 'zip'), (b'PAR1', 'parquet')]
@@ -306,7 +307,7 @@ _NOT_JSONL = {
     'zip': 'is a zip archive: unpack it (unzip {p}) and give the JSONL files (a folder or a glob works)',
 }
 
-# %% ../nbs/01_data.ipynb #51c848d5
+# %% ../nbs/01_data.ipynb #5e2655a7
 @dataclass(frozen=True)
 class Source:
     "One input of `dataset_path`: a JSONL file (plain or gzip), a Parquet file, or a folder saved by `datasets`."
@@ -369,7 +370,7 @@ def resolve_sources(spec  # a path, a folder, a glob pattern, or a list of these
         seen[k] = src.name
     return out
 
-# %% ../nbs/01_data.ipynb #61ab4ca8
+# %% ../nbs/01_data.ipynb #8cedafab
 def _hash_file(path, h):
     with open(path, 'rb') as f:
         for block in iter(lambda: f.read(1 << 20), b''): h.update(block)
@@ -444,7 +445,7 @@ def iter_items(src: Source,  # from `resolve_sources`
     if src.kind == 'jsonl': return _jsonl_items(src, offset, 1 if pos is None else pos, hasher)
     return (_parquet_items if src.kind == 'parquet' else _arrow_items)(src, offset)
 
-# %% ../nbs/01_data.ipynb #ae7680f1
+# %% ../nbs/01_data.ipynb #47b8559c
 @dataclass(repr=False)
 class StreamStats:
     "What `inspect_records` counts, gathered one record at a time: the same counts, exact length histograms."
@@ -513,7 +514,7 @@ def _is_json_array(path, limit: int = 256 << 20) -> bool:
     try: return isinstance(json.loads(Path(path).read_text(encoding="utf-8-sig")), list)
     except (ValueError, RecursionError): return False
 
-# %% ../nbs/01_data.ipynb #ab8df874
+# %% ../nbs/01_data.ipynb #4030dd75
 CHUNK = 4096  # records between two seek points of a scan
 
 def where_name(sources: list[Source], s: int, pos: int) -> str:
@@ -560,7 +561,7 @@ class Scan:
             raise DataError(f'{spec}: no records (the file is empty or has only blank lines)' if len(self.sources) == 1 else
                             f'{spec}: no records in {len(self.sources)} files (all empty or blank)')
 
-# %% ../nbs/01_data.ipynb #aa5a61bc
+# %% ../nbs/01_data.ipynb #1edaeff5
 def stat_key(path) -> tuple:
     "What says a file (or a folder's files) did not change, without reading it: size, modification time (ns), inode."
     p = Path(path)
@@ -588,7 +589,7 @@ def scan_data(spec,  # dataset_path: a file, folder, glob or list (see `resolve_
             for pos, off, obj, prob in iter_items(src, hasher=h):
                 n_lines += 1
                 if prob: problems.append(f'{src.at(pos)}: {prob}'); continue
-                try: key, conv = content_hash(obj), to_messages(obj, default_system)
+                try: key, conv = content_hash(obj), to_messages(obj, default_system, check=False)
                 except (RecursionError, ValueError) as e:  # an extra field too deep to serialize
                     problems.append(f'{src.at(pos)}: {"nested too deeply to read" if isinstance(e, RecursionError) else e}')
                     continue
@@ -615,6 +616,24 @@ def load_records(path  # dataset_path: a JSONL file, or any input `resolve_sourc
     sc = scan_data(path, keep=True)
     sc.raise_problems(path)
     return sc.records
+
+# %% ../nbs/01_data.ipynb #25698668
+def head_records(path,  # dataset_path, as `load_records` takes it
+                 n: int  # how many records
+                ) -> list[dict]:
+    "The first `n` records of `path` (as `load_records` gives them), reading no further; a bad line among them is a `DataError`."
+    sources, out = resolve_sources(path), []
+    named = len(sources) > 1 or any(s.tabular for s in sources)
+    for s, src in enumerate(sources):
+        if prob := src.problem(): raise DataError(prob)
+        it = iter_items(src)
+        try:
+            for pos, _, obj, prob in it:
+                if prob: raise DataError(f'{src.at(pos)}: {prob}')
+                out.append({**obj, '_line': pos} | ({'_at': where_name(sources, s, pos)} if named else {}))
+                if len(out) >= n: return out
+        finally: it.close()
+    return out
 
 # %% ../nbs/01_data.ipynb #eabee890
 @dataclass(repr=False)
@@ -729,7 +748,7 @@ def plot_lengths(stats: DataStats | StreamStats,  # from `inspect_records` or `s
         fig.savefig(path, dpi=100)
     return fig
 
-# %% ../nbs/01_data.ipynb #abef912a
+# %% ../nbs/01_data.ipynb #a55b9878
 def held_out(n: int,  # number of records
              eval_ratio: float = 0.1,  # share held out for evaluation, in [0, 1)
              seed: int = 42  # same seed, same split
@@ -758,7 +777,7 @@ def split_records(records: list[dict],      # validated records
     held = held_out(len(records), eval_ratio, seed)
     return [r for r, h in zip(records, held) if not h], [r for r, h in zip(records, held) if h]
 
-# %% ../nbs/01_data.ipynb #7bab5b2b
+# %% ../nbs/01_data.ipynb #fd7fb175
 def overlap(train, ev) -> list[tuple]:
     "`(train record, eval record)` names of the eval records whose content is also in the training data."
     common = np.intersect1d(train.hashes, ev.hashes)
@@ -774,7 +793,7 @@ def load_split(config) -> tuple[list[dict], list[dict]]:
     d = config.data
     return split_records(load_records(config.dataset_path), d.eval_ratio, d.seed, d.eval_dataset_path)
 
-# %% ../nbs/01_data.ipynb #2fe1dd78
+# %% ../nbs/01_data.ipynb #80e7855b
 def cache_root(cache_dir=None) -> Path:
     "Where qlora_nb caches: `cache_dir` (data.cache_dir), else $QLORA_NB_CACHE, else $XDG_CACHE_HOME/qlora_nb or ~/.cache/qlora_nb."
     if cache_dir: return Path(cache_dir).expanduser()
