@@ -114,7 +114,7 @@ def encode_messages(messages: list[dict],  # [{'role', 'content'}, ...] with at 
     if ex is None: raise ValueError(f'this conversation gives no training example: {status}')
     return ex
 
-# %% ../nbs/02_chatml.ipynb #3478bca4
+# %% ../nbs/02_chatml.ipynb #747f1bc2
 def encode_batch(records: list[dict],  # records (checked again unless `checked`)
                  tokenizer,  # a fast tokenizer with a chat template
                  max_length: int | None = 1024, truncation: str = 'truncate', default_system: str | None = None,
@@ -188,7 +188,7 @@ def encode_records(records: list[dict],  # records from `load_records` (instruct
             report.turns_lost += lost
             if status in ('cut', 'head'): report.cut.append(where)
             if status == 'head': report.heads.append(where)
-            if '_line' in r: ex['_line'] = r['_line']
+            ex.update({k: r[k] for k in ('_line', '_at') if k in r})
             out.append(ex)
     return out, report
 
@@ -218,7 +218,7 @@ def audit_examples(encoded: list[dict],  # examples from `encode_records`
     if not encoded: raise AuditError('no training examples (all records were dropped?)')
     tokens = trained = opened = 0
     for i, ex in enumerate(encoded):
-        where = f'example {i}' + (f" (record line {ex['_line']})" if '_line' in ex else '')
+        where = f'example {i}' + (f" (record {ex['_at']})" if '_at' in ex else f" (record line {ex['_line']})" if '_line' in ex else '')
         ids, lab = np.asarray(ex['input_ids']), np.asarray(ex['labels'])
         if len(lab) != len(ids) or len(ex.get('attention_mask', ids)) != len(ids):
             raise AuditError(f"{where}: input_ids, labels and attention_mask differ in length ({len(ids)}, {len(lab)}, {len(ex.get('attention_mask', ids))})")
@@ -260,7 +260,7 @@ class PadCollator:
             mask[i, :k] = torch.as_tensor(e['attention_mask']) if 'attention_mask' in e else 1
         return {'input_ids': ids, 'labels': labels, 'attention_mask': mask}
 
-# %% ../nbs/02_chatml.ipynb #cc73beb5
+# %% ../nbs/02_chatml.ipynb #cd2d275d
 FORMAT = 1  # what an entry stores: bump it when the columns change
 BATCH = 512  # records per tokenizer call
 SMALL = 20_000  # fewer records than this are encoded in this process (a pool takes seconds to start)
@@ -280,7 +280,7 @@ def _features():
                      '_open': Value('bool'),     # keep_head: its last answer kept without its end
                      '_lost': Value('int32')})   # assistant turns lost to the cut
 
-# %% ../nbs/02_chatml.ipynb #8dbb8aaf
+# %% ../nbs/02_chatml.ipynb #47206fb0
 def _audit_fast(ids: np.ndarray, lab: np.ndarray, offsets: np.ndarray, im_end: int, open_len: int | None = None) -> int | None:
     "The index of the first example (between `offsets`) that `audit_examples` would refuse, or None; `open_len`: keep_head's max_length."
     starts, ends, t = offsets[:-1], offsets[1:], lab != -100
@@ -294,7 +294,7 @@ def _audit_fast(ids: np.ndarray, lab: np.ndarray, offsets: np.ndarray, im_end: i
     if len(wrong): bad[np.searchsorted(offsets, wrong, side='right') - 1] = True
     return int(np.flatnonzero(bad)[0]) if bad.any() else None
 
-# %% ../nbs/02_chatml.ipynb #b07dfea1
+# %% ../nbs/02_chatml.ipynb #99171cf8
 _READERS: dict = {}  # per process: the reader left where the last chunk ended
 
 def _chunk_records(src: Source, s: int, first: int, end: int, offset: int, pos: int):
@@ -340,14 +340,14 @@ def _encode_chunk(batch: dict, tokenizer, settings: dict, report_dir: str):
                      '_idx': pa.array(cols['idx'], pa.int64()), '_ntok': pa.array(cols['ntok'], pa.int32()), '_trained': pa.array(trained),
                      '_cut': pa.array(cols['cut'], pa.bool_()), '_open': pa.array(cols['open'], pa.bool_()), '_lost': pa.array(cols['lost'], pa.int32())})
 
-# %% ../nbs/02_chatml.ipynb #3d6d0df0
+# %% ../nbs/02_chatml.ipynb #95a42869
 def make_chunks(scan) -> list[dict]:
     "The chunks of a scan: source, first record, end record, and the byte offset (or row) and line where the first is."
     bounds = list(scan.index) + [(None, scan.n_records, None, None)]
     return [{'source': s, 'first': first, 'end': nxt, 'offset': off, 'pos': pos}
             for (s, first, off, pos), (_, nxt, _, _) in zip(bounds[:-1], bounds[1:])]
 
-# %% ../nbs/02_chatml.ipynb #e134d414
+# %% ../nbs/02_chatml.ipynb #9d997cee
 def code_hash() -> str:
     "sha256 of `FORMAT` and of the source of the modules that read, check and encode records."
     import qlora_nb.data, qlora_nb.chatml
@@ -372,7 +372,7 @@ def fingerprint(sources: list[Source], digests: list[str], tokenizer, max_length
              'max_length': max_length, 'truncation': truncation, 'default_system': default_system}
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:32], parts
 
-# %% ../nbs/02_chatml.ipynb #8cb9a5f4
+# %% ../nbs/02_chatml.ipynb #c212ea72
 def _cores() -> int:
     try: return len(os.sched_getaffinity(0))
     except AttributeError: return os.cpu_count() or 1
@@ -435,7 +435,7 @@ def _check_space(folder: Path, sources: list[Source]):
         warnings.warn(f'{folder}: {free / 2**30:.1f} GiB free; the encoded examples may need about {need / 2**30:.1f} GiB '
                       '(set data.cache_dir or QLORA_NB_CACHE to a bigger disk)')
 
-# %% ../nbs/02_chatml.ipynb #62f0d993
+# %% ../nbs/02_chatml.ipynb #2bcebd23
 @dataclass(repr=False)
 class Encoded:
     "Every example of one data set (all columns), its manifest, and whether it came from the cache."
@@ -527,7 +527,7 @@ def data_info(enc: Encoded) -> dict:
             'cache': str(enc.entry), 'reused': enc.warm, 'records': enc.n_records, 'examples': len(enc.dataset),
             'sources': [{'name': s.name, 'kind': s.kind, 'sha256': d['sha256']} for s, d in zip(enc.sources, src)]}
 
-# %% ../nbs/02_chatml.ipynb #56e91f84
+# %% ../nbs/02_chatml.ipynb #df85566e
 def view(enc: Encoded,
          keep: np.ndarray | None = None,  # a mask over record indices (`held_out` or its negation); None: all records
          max_length=None, truncation='truncate') -> tuple:
@@ -551,7 +551,7 @@ def view(enc: Encoded,
                      {'open_ended': int(enc.column('_open')[sel].sum())} if truncation == 'keep_head' else {})
     return ds, rep
 
-# %% ../nbs/02_chatml.ipynb #dfdc6862
+# %% ../nbs/02_chatml.ipynb #add06606
 def cache_entries(cache_dir=None) -> list[dict]:
     "Each cached data set: its folder, size in bytes, inputs, records, and last use (a time stamp)."
     root, out = cache_root(cache_dir)/'examples', []
