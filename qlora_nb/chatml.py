@@ -21,8 +21,8 @@ __all__ = ['IM_START', 'IM_END', 'ASSISTANT_HEADER', 'TRUNCATION', 'FORMAT', 'BA
            'TRAINED_OPEN', 'TRAINED_CLOSE', 'token_id', 'chat_text', 'assistant_spans', 'tokenize_texts',
            'token_ranges', 'encode_messages', 'encode_batch', 'EncodeReport', 'encode_records', 'AuditError',
            'audit_examples', 'PadCollator', 'make_chunks', 'code_hash', 'tokenizer_hash', 'fingerprint', 'Encoded',
-           'encoded', 'data_info', 'view', 'cache_entries', 'clear_cache', 'examples_in_memory', 'main_process_first',
-           'examples', 'preview', 'preview_json']
+           'Checked', 'check_data', 'encoded', 'data_info', 'view', 'cache_entries', 'clear_cache',
+           'examples_in_memory', 'main_process_first', 'examples', 'preview', 'preview_json']
 
 # %% ../nbs/02_chatml.ipynb #11c4261d
 IM_START, IM_END = '<|im_start|>', '<|im_end|>'
@@ -114,7 +114,7 @@ def encode_messages(messages: list[dict],  # [{'role', 'content'}, ...] with at 
     if ex is None: raise ValueError(f'this conversation gives no training example: {status}')
     return ex
 
-# %% ../nbs/02_chatml.ipynb #747f1bc2
+# %% ../nbs/02_chatml.ipynb #f04d5066
 def encode_batch(records: list[dict],  # records (checked again unless `checked`)
                  tokenizer,  # a fast tokenizer with a chat template
                  max_length: int | None = 1024, truncation: str = 'truncate', default_system: str | None = None,
@@ -260,7 +260,7 @@ class PadCollator:
             mask[i, :k] = torch.as_tensor(e['attention_mask']) if 'attention_mask' in e else 1
         return {'input_ids': ids, 'labels': labels, 'attention_mask': mask}
 
-# %% ../nbs/02_chatml.ipynb #cd2d275d
+# %% ../nbs/02_chatml.ipynb #e125d8d8
 FORMAT = 1  # what an entry stores: bump it when the columns change
 BATCH = 512  # records per tokenizer call
 SMALL = 20_000  # fewer records than this are encoded in this process (a pool takes seconds to start)
@@ -280,7 +280,7 @@ def _features():
                      '_open': Value('bool'),     # keep_head: its last answer kept without its end
                      '_lost': Value('int32')})   # assistant turns lost to the cut
 
-# %% ../nbs/02_chatml.ipynb #47206fb0
+# %% ../nbs/02_chatml.ipynb #63b63ef8
 def _audit_fast(ids: np.ndarray, lab: np.ndarray, offsets: np.ndarray, im_end: int, open_len: int | None = None) -> int | None:
     "The index of the first example (between `offsets`) that `audit_examples` would refuse, or None; `open_len`: keep_head's max_length."
     starts, ends, t = offsets[:-1], offsets[1:], lab != -100
@@ -294,7 +294,7 @@ def _audit_fast(ids: np.ndarray, lab: np.ndarray, offsets: np.ndarray, im_end: i
     if len(wrong): bad[np.searchsorted(offsets, wrong, side='right') - 1] = True
     return int(np.flatnonzero(bad)[0]) if bad.any() else None
 
-# %% ../nbs/02_chatml.ipynb #99171cf8
+# %% ../nbs/02_chatml.ipynb #182f88f2
 _READERS: dict = {}  # per process: the reader left where the last chunk ended
 
 def _chunk_records(src: Source, s: int, first: int, end: int, offset: int, pos: int):
@@ -340,14 +340,14 @@ def _encode_chunk(batch: dict, tokenizer, settings: dict, report_dir: str):
                      '_idx': pa.array(cols['idx'], pa.int64()), '_ntok': pa.array(cols['ntok'], pa.int32()), '_trained': pa.array(trained),
                      '_cut': pa.array(cols['cut'], pa.bool_()), '_open': pa.array(cols['open'], pa.bool_()), '_lost': pa.array(cols['lost'], pa.int32())})
 
-# %% ../nbs/02_chatml.ipynb #95a42869
+# %% ../nbs/02_chatml.ipynb #18bc163b
 def make_chunks(scan) -> list[dict]:
     "The chunks of a scan: source, first record, end record, and the byte offset (or row) and line where the first is."
     bounds = list(scan.index) + [(None, scan.n_records, None, None)]
     return [{'source': s, 'first': first, 'end': nxt, 'offset': off, 'pos': pos}
             for (s, first, off, pos), (_, nxt, _, _) in zip(bounds[:-1], bounds[1:])]
 
-# %% ../nbs/02_chatml.ipynb #9d997cee
+# %% ../nbs/02_chatml.ipynb #a31124a7
 def code_hash() -> str:
     "sha256 of `FORMAT` and of the source of the modules that read, check and encode records."
     import qlora_nb.data, qlora_nb.chatml
@@ -372,7 +372,7 @@ def fingerprint(sources: list[Source], digests: list[str], tokenizer, max_length
              'max_length': max_length, 'truncation': truncation, 'default_system': default_system}
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:32], parts
 
-# %% ../nbs/02_chatml.ipynb #c212ea72
+# %% ../nbs/02_chatml.ipynb #0a2c00c6
 def _cores() -> int:
     try: return len(os.sched_getaffinity(0))
     except AttributeError: return os.cpu_count() or 1
@@ -435,7 +435,7 @@ def _check_space(folder: Path, sources: list[Source]):
         warnings.warn(f'{folder}: {free / 2**30:.1f} GiB free; the encoded examples may need about {need / 2**30:.1f} GiB '
                       '(set data.cache_dir or QLORA_NB_CACHE to a bigger disk)')
 
-# %% ../nbs/02_chatml.ipynb #2bcebd23
+# %% ../nbs/02_chatml.ipynb #7df0e9bc
 @dataclass(repr=False)
 class Encoded:
     "Every example of one data set (all columns), its manifest, and whether it came from the cache."
@@ -481,25 +481,43 @@ def _scan(spec, default_system, memo: FileHashes):
     memo.save()
     return sc
 
+@dataclass
+class Checked:
+    "What `check_data` found: the inputs, their sha256, and the `Scan` when it read them."
+    sources: list
+    digests: list
+    scan: object
+    default_system: str | None
+
+def check_data(spec,  # dataset_path or data.eval_dataset_path
+               default_system: str | None = None, cache_dir=None,
+               verify: bool = False  # read the data even when its files look unchanged
+              ) -> Checked:
+    "Validate the data `spec` (a `DataError` names every bad line), unless its files are the ones validated before, unchanged."
+    sources, memo = resolve_sources(spec), FileHashes(cache_dir)
+    digests = None if verify else [memo.get(s, stat_key(s.path)) for s in sources]
+    if digests is not None and None not in digests: return Checked(sources, digests, None, default_system)
+    sc = _scan(spec, default_system, memo)
+    return Checked(sc.sources, sc.sha256, sc, default_system)
+
 def encoded(spec,  # dataset_path or data.eval_dataset_path
             tokenizer, max_length: int | None = 1024, truncation: str = 'truncate', default_system: str | None = None,
             cache_dir=None,  # data.cache_dir (see `cache_root`)
             num_proc: int | None = None,  # encoding processes; None: all cores (one below SMALL records)
             rebuild: bool = False,  # encode again even when the cache has the entry
-            verify: bool = False  # read the data to check its sha256 even when its files look unchanged
+            verify: bool = False,  # read the data to check its sha256 even when its files look unchanged
+            checked: Checked | None = None  # what `check_data` found, when it was called first
            ) -> Encoded:
     "Every example of the data set `spec`: from the cache when it has them, else validated, encoded and cached."
     if truncation not in TRUNCATION: raise ValueError(f'truncation: expected one of {", ".join(TRUNCATION)}, got {truncation!r}')
-    t0, root, sources = time.time(), cache_root(cache_dir), resolve_sources(spec)
-    memo = FileHashes(cache_dir)
-    digests = None if verify else [memo.get(s, stat_key(s.path)) for s in sources]
-    scan = _scan(spec, default_system, memo) if digests is None or None in digests else None
-    digests = scan.sha256 if scan else digests
+    t0, root = time.time(), cache_root(cache_dir)
+    if checked is None or checked.default_system != default_system or verify: checked = check_data(spec, default_system, cache_dir, verify)
+    sources, digests, scan = checked.sources, checked.digests, checked.scan
     key, parts = fingerprint(sources, digests, tokenizer, max_length, truncation, default_system)
     entry = root/'examples'/key
     if rebuild and entry.exists(): shutil.rmtree(entry)
     if not (warm := (entry/'manifest.json').is_file()) and scan is None:
-        scan = _scan(spec, default_system, memo)
+        scan = _scan(spec, default_system, FileHashes(cache_dir))
         if scan.sha256 != digests:  # other bytes under the same size and time: the bytes count
             key, parts = fingerprint(sources, scan.sha256, tokenizer, max_length, truncation, default_system)
             entry = root/'examples'/key
@@ -527,7 +545,7 @@ def data_info(enc: Encoded) -> dict:
             'cache': str(enc.entry), 'reused': enc.warm, 'records': enc.n_records, 'examples': len(enc.dataset),
             'sources': [{'name': s.name, 'kind': s.kind, 'sha256': d['sha256']} for s, d in zip(enc.sources, src)]}
 
-# %% ../nbs/02_chatml.ipynb #df85566e
+# %% ../nbs/02_chatml.ipynb #fcf0f014
 def view(enc: Encoded,
          keep: np.ndarray | None = None,  # a mask over record indices (`held_out` or its negation); None: all records
          max_length=None, truncation='truncate') -> tuple:
@@ -551,7 +569,7 @@ def view(enc: Encoded,
                      {'open_ended': int(enc.column('_open')[sel].sum())} if truncation == 'keep_head' else {})
     return ds, rep
 
-# %% ../nbs/02_chatml.ipynb #add06606
+# %% ../nbs/02_chatml.ipynb #05057c6d
 def cache_entries(cache_dir=None) -> list[dict]:
     "Each cached data set: its folder, size in bytes, inputs, records, and last use (a time stamp)."
     root, out = cache_root(cache_dir)/'examples', []
