@@ -34,11 +34,14 @@ def validate_data(config_path, overrides, num_proc=None) -> object:
     "The data part of qlora_nb_validate on the cached path (what 09_cli's validate prints after the config lines)."
     from qlora_nb.config import load_config
     from qlora_nb.data import format_stats
-    from qlora_nb.chatml import encoded, examples
+    from qlora_nb.chatml import check_data, encoded, examples
     from qlora_nb.model import load_tokenizer
     cfg = load_config(config_path, overrides)
-    tok, d = load_tokenizer(cfg), cfg.data
-    enc = encoded(cfg.dataset_path, tok, d.max_length, d.truncation, d.default_system, cache_dir=d.cache_dir, num_proc=num_proc)
+    d = cfg.data
+    checked = check_data(cfg.dataset_path, d.default_system, d.cache_dir)
+    tok = load_tokenizer(cfg)
+    enc = encoded(cfg.dataset_path, tok, d.max_length, d.truncation, d.default_system, cache_dir=d.cache_dir, num_proc=num_proc,
+                  checked=checked)
     print(f'dataset        {cfg.dataset_path}: {enc.n_records} records, all valid')
     print(format_stats(enc.stats(d.max_length)))
     reports = {split: examples(cfg, tok, split, num_proc=num_proc)[1] for split in ('train', 'eval')}
