@@ -114,7 +114,7 @@ def encode_messages(messages: list[dict],  # [{'role', 'content'}, ...] with at 
     if ex is None: raise ValueError(f'this conversation gives no training example: {status}')
     return ex
 
-# %% ../nbs/02_chatml.ipynb #f04d5066
+# %% ../nbs/02_chatml.ipynb #31b7db2a
 def encode_batch(records: list[dict],  # records (checked again unless `checked`)
                  tokenizer,  # a fast tokenizer with a chat template
                  max_length: int | None = 1024, truncation: str = 'truncate', default_system: str | None = None,
@@ -260,7 +260,7 @@ class PadCollator:
             mask[i, :k] = torch.as_tensor(e['attention_mask']) if 'attention_mask' in e else 1
         return {'input_ids': ids, 'labels': labels, 'attention_mask': mask}
 
-# %% ../nbs/02_chatml.ipynb #e125d8d8
+# %% ../nbs/02_chatml.ipynb #8a5febba
 FORMAT = 1  # what an entry stores: bump it when the columns change
 BATCH = 512  # records per tokenizer call
 SMALL = 20_000  # fewer records than this are encoded in this process (a pool takes seconds to start)
@@ -280,7 +280,7 @@ def _features():
                      '_open': Value('bool'),     # keep_head: its last answer kept without its end
                      '_lost': Value('int32')})   # assistant turns lost to the cut
 
-# %% ../nbs/02_chatml.ipynb #63b63ef8
+# %% ../nbs/02_chatml.ipynb #15ff1238
 def _audit_fast(ids: np.ndarray, lab: np.ndarray, offsets: np.ndarray, im_end: int, open_len: int | None = None) -> int | None:
     "The index of the first example (between `offsets`) that `audit_examples` would refuse, or None; `open_len`: keep_head's max_length."
     starts, ends, t = offsets[:-1], offsets[1:], lab != -100
@@ -294,7 +294,7 @@ def _audit_fast(ids: np.ndarray, lab: np.ndarray, offsets: np.ndarray, im_end: i
     if len(wrong): bad[np.searchsorted(offsets, wrong, side='right') - 1] = True
     return int(np.flatnonzero(bad)[0]) if bad.any() else None
 
-# %% ../nbs/02_chatml.ipynb #182f88f2
+# %% ../nbs/02_chatml.ipynb #eeda47fd
 _READERS: dict = {}  # per process: the reader left where the last chunk ended
 
 def _chunk_records(src: Source, s: int, first: int, end: int, offset: int, pos: int):
@@ -305,7 +305,8 @@ def _chunk_records(src: Source, s: int, first: int, end: int, offset: int, pos: 
         it = iter_items(src, offset, pos)
     for i in range(first, end):
         try: p, _, obj, prob = next(it)
-        except StopIteration: raise DataError(f'{src.name}: ended at record {i}, expected {end}: it changed after it was read; run again') from None
+        except StopIteration:
+            raise DataError(f'{src.name}: ended at record {i}, expected {end}: it changed after it was read; run again') from None
         if prob: raise DataError(f'{src.at(p)}: {prob} (the file changed after it was read; run again)')
         yield i, p, obj
     _READERS[(src.name, s)] = (it, end)
@@ -316,14 +317,17 @@ def _encode_chunk(batch: dict, tokenizer, settings: dict, report_dir: str):
     if settings['pool']: os.environ['TOKENIZERS_PARALLELISM'] = 'false'  # one thread per process: the processes share the cores
     (s,), (first,), (end,), (offset,), (pos,) = (batch[k] for k in ('source', 'first', 'end', 'offset', 'pos'))
     src, ml, tr = settings['sources'][s], settings['max_length'], settings['truncation']
-    rep, cols = {'first': first, 'dropped': [], 'tokens': {}}, {k: [] for k in ('ids', 'lab', 'line', 'idx', 'ntok', 'cut', 'open', 'lost')}
+    rep = {'first': first, 'dropped': [], 'tokens': {}}
+    cols = {k: [] for k in ('ids', 'lab', 'line', 'idx', 'ntok', 'cut', 'open', 'lost')}
     recs = list(_chunk_records(src, s, first, end, offset, pos))
     for b in range(0, len(recs), BATCH):
         part = recs[b:b + BATCH]
-        for (i, p, _), (ex, status, lost, ntok) in zip(part, encode_batch([r for *_, r in part], tokenizer, ml, tr, settings['default_system'], checked=True)):
+        encs = encode_batch([r for *_, r in part], tokenizer, ml, tr, settings['default_system'], checked=True)
+        for (i, p, _), (ex, status, lost, ntok) in zip(part, encs):
             rep['tokens'][ntok] = rep['tokens'].get(ntok, 0) + 1
             if ex is None: rep['dropped'].append([i, s, p, status, ntok]); continue
-            for k, v in zip(cols, (ex['input_ids'], ex['labels'], p, i, ntok, status in ('cut', 'head'), status == 'head', lost)): cols[k].append(v)
+            for k, v in zip(cols, (ex['input_ids'], ex['labels'], p, i, ntok, status in ('cut', 'head'), status == 'head', lost)):
+                cols[k].append(v)
     lens = np.fromiter(map(len, cols['ids']), np.int64, len(cols['ids']))
     offsets = np.r_[0, np.cumsum(lens)].astype(np.int64)
     flat = lambda xs: np.fromiter(chain.from_iterable(xs), np.int32, int(offsets[-1]))
@@ -337,17 +341,18 @@ def _encode_chunk(batch: dict, tokenizer, settings: dict, report_dir: str):
     lists = lambda v: pa.ListArray.from_arrays(pa.array(offsets.astype(np.int32)), pa.array(v))
     return pa.table({'input_ids': lists(ids), 'labels': lists(lab), 'length': pa.array(lens.astype(np.int32)),
                      '_line': pa.array(cols['line'], pa.int64()), '_file': pa.array(np.full(len(lens), s, np.int32)),
-                     '_idx': pa.array(cols['idx'], pa.int64()), '_ntok': pa.array(cols['ntok'], pa.int32()), '_trained': pa.array(trained),
-                     '_cut': pa.array(cols['cut'], pa.bool_()), '_open': pa.array(cols['open'], pa.bool_()), '_lost': pa.array(cols['lost'], pa.int32())})
+                     '_idx': pa.array(cols['idx'], pa.int64()), '_ntok': pa.array(cols['ntok'], pa.int32()),
+                     '_trained': pa.array(trained), '_cut': pa.array(cols['cut'], pa.bool_()),
+                     '_open': pa.array(cols['open'], pa.bool_()), '_lost': pa.array(cols['lost'], pa.int32())})
 
-# %% ../nbs/02_chatml.ipynb #18bc163b
+# %% ../nbs/02_chatml.ipynb #7cdd4fef
 def make_chunks(scan) -> list[dict]:
     "The chunks of a scan: source, first record, end record, and the byte offset (or row) and line where the first is."
     bounds = list(scan.index) + [(None, scan.n_records, None, None)]
     return [{'source': s, 'first': first, 'end': nxt, 'offset': off, 'pos': pos}
             for (s, first, off, pos), (_, nxt, _, _) in zip(bounds[:-1], bounds[1:])]
 
-# %% ../nbs/02_chatml.ipynb #a31124a7
+# %% ../nbs/02_chatml.ipynb #ee45853a
 def code_hash() -> str:
     "sha256 of `FORMAT` and of the source of the modules that read, check and encode records."
     import qlora_nb.data, qlora_nb.chatml
@@ -372,7 +377,7 @@ def fingerprint(sources: list[Source], digests: list[str], tokenizer, max_length
              'max_length': max_length, 'truncation': truncation, 'default_system': default_system}
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:32], parts
 
-# %% ../nbs/02_chatml.ipynb #0a2c00c6
+# %% ../nbs/02_chatml.ipynb #be802f60
 def _cores() -> int:
     try: return len(os.sched_getaffinity(0))
     except AttributeError: return os.cpu_count() or 1
@@ -435,7 +440,7 @@ def _check_space(folder: Path, sources: list[Source]):
         warnings.warn(f'{folder}: {free / 2**30:.1f} GiB free; the encoded examples may need about {need / 2**30:.1f} GiB '
                       '(set data.cache_dir or QLORA_NB_CACHE to a bigger disk)')
 
-# %% ../nbs/02_chatml.ipynb #7df0e9bc
+# %% ../nbs/02_chatml.ipynb #682663cb
 @dataclass(repr=False)
 class Encoded:
     "Every example of one data set (all columns), its manifest, and whether it came from the cache."
@@ -511,7 +516,8 @@ def encoded(spec,  # dataset_path or data.eval_dataset_path
     "Every example of the data set `spec`: from the cache when it has them, else validated, encoded and cached."
     if truncation not in TRUNCATION: raise ValueError(f'truncation: expected one of {", ".join(TRUNCATION)}, got {truncation!r}')
     t0, root = time.time(), cache_root(cache_dir)
-    if checked is None or checked.default_system != default_system or verify: checked = check_data(spec, default_system, cache_dir, verify)
+    if checked is None or checked.default_system != default_system or verify:
+        checked = check_data(spec, default_system, cache_dir, verify)
     sources, digests, scan = checked.sources, checked.digests, checked.scan
     key, parts = fingerprint(sources, digests, tokenizer, max_length, truncation, default_system)
     entry = root/'examples'/key
@@ -545,7 +551,7 @@ def data_info(enc: Encoded) -> dict:
             'cache': str(enc.entry), 'reused': enc.warm, 'records': enc.n_records, 'examples': len(enc.dataset),
             'sources': [{'name': s.name, 'kind': s.kind, 'sha256': d['sha256']} for s, d in zip(enc.sources, src)]}
 
-# %% ../nbs/02_chatml.ipynb #fcf0f014
+# %% ../nbs/02_chatml.ipynb #07ff9790
 def view(enc: Encoded,
          keep: np.ndarray | None = None,  # a mask over record indices (`held_out` or its negation); None: all records
          max_length=None, truncation='truncate') -> tuple:
@@ -569,15 +575,15 @@ def view(enc: Encoded,
                      {'open_ended': int(enc.column('_open')[sel].sum())} if truncation == 'keep_head' else {})
     return ds, rep
 
-# %% ../nbs/02_chatml.ipynb #05057c6d
+# %% ../nbs/02_chatml.ipynb #81a8325f
 def cache_entries(cache_dir=None) -> list[dict]:
     "Each cached data set: its folder, size in bytes, inputs, records, and last use (a time stamp)."
     root, out = cache_root(cache_dir)/'examples', []
     for e in sorted(root.iterdir()) if root.is_dir() else []:
         if not (e/'manifest.json').is_file(): continue
         m = json.loads((e/'manifest.json').read_text())
-        out.append({'path': e, 'bytes': sum(f.stat().st_size for f in e.rglob('*') if f.is_file()),
-                    'sources': [s['name'] for s in m['sources']], 'records': m['n_records'], 'last_used': (e/'manifest.json').stat().st_mtime})
+        out.append({'path': e, 'bytes': sum(f.stat().st_size for f in e.rglob('*') if f.is_file()), 'records': m['n_records'],
+                    'sources': [s['name'] for s in m['sources']], 'last_used': (e/'manifest.json').stat().st_mtime})
     return out
 
 def clear_cache(cache_dir=None,  # data.cache_dir (see `cache_root`)
@@ -588,8 +594,9 @@ def clear_cache(cache_dir=None,  # data.cache_dir (see `cache_root`)
     for e in sorted(root.iterdir()) if root.is_dir() else []:
         if e.name.startswith('.tmp-'):
             if now - e.stat().st_mtime > 86400: shutil.rmtree(e, ignore_errors=True); gone.append(e)
-        elif (e/'manifest.json').is_file() and (older_than_days is None or now - (e/'manifest.json').stat().st_mtime > older_than_days * 86400):
-            shutil.rmtree(e, ignore_errors=True); gone.append(e)
+        elif (e/'manifest.json').is_file():
+            if older_than_days is None or now - (e/'manifest.json').stat().st_mtime > older_than_days * 86400:
+                shutil.rmtree(e, ignore_errors=True); gone.append(e)
     return gone
 
 # %% ../nbs/02_chatml.ipynb #609daa4c
@@ -611,7 +618,8 @@ def main_process_first(config):
     from accelerate import PartialState
     from qlora_nb.distributed import distributed_args
     ta = distributed_args(config.training_args)  # PartialState as TrainingArguments makes it (it is made once per process)
-    kw = {'backend': ta.get('ddp_backend'), 'timeout': timedelta(seconds=ta.get('ddp_timeout', 1800))} | ({'cpu': True} if ta.get('use_cpu') else {})
+    kw = {'backend': ta.get('ddp_backend'), 'timeout': timedelta(seconds=ta.get('ddp_timeout', 1800))}
+    if ta.get('use_cpu'): kw['cpu'] = True
     with PartialState(**kw).main_process_first(): yield
 
 class _Records:
@@ -645,7 +653,8 @@ def examples(config,  # a `Config`: dataset_path and the data section
         else:
             ev = encoded(d.eval_dataset_path, tokenizer, **kw)
             if both := overlap(_Records(enc), _Records(ev)):
-                warnings.warn(f'{d.eval_dataset_path}: {len(both)} eval record(s) also in the training data (train=eval lines {_lines(both)})')
+                warnings.warn(f'{d.eval_dataset_path}: {len(both)} eval record(s) also in the training data '
+                              f'(train=eval lines {_lines(both)})')
             (ds, rep), enc = view(ev, None, d.max_length, d.truncation), ev
     if not len(ds) and split == 'train': raise AuditError('no training examples (all records were dropped?)')
     _check_tokenizer(tokenizer)

@@ -87,7 +87,7 @@ def check_messages(obj: dict) -> list[str]:
     if roles[-1] != "assistant": return [f"messages[{len(roles)-1}]: the conversation ends with a user turn; end it with an assistant turn"]
     return []
 
-# %% ../nbs/01_data.ipynb #0c0e74ed
+# %% ../nbs/01_data.ipynb #3beb8e6e
 CONTROL_TOKENS = ('<|im_start|>', '<|im_end|>', '<|endoftext|>')
 _CONTROL = re.compile('|'.join(map(re.escape, CONTROL_TOKENS)))
 _SURROGATE = re.compile('[\ud800-\udfff]')
@@ -223,7 +223,7 @@ class LengthStats:
 
     def __str__(self): return f"min {self.min} · median {self.median:g} · mean {self.mean:.1f} · p95 {self.p95} · max {self.max}"
 
-# %% ../nbs/01_data.ipynb #5f0a9b5d
+# %% ../nbs/01_data.ipynb #006f9195
 class LengthHistogram:
     "Exact counts of integer lengths, with the `LengthStats` of all of them."
     def __init__(self, counts: dict | None = None): self.counts = {int(k): v for k, v in (counts or {}).items()}
@@ -266,7 +266,7 @@ def find_duplicates(records: list[dict]) -> list[tuple[int, int]]:
         else: first[k] = line
     return pairs
 
-# %% ../nbs/01_data.ipynb #c4208254
+# %% ../nbs/01_data.ipynb #2eb17820
 def content_hash(rec: dict) -> int:
     "A 64-bit hash of `_content_key(rec)`."
     return int.from_bytes(hashlib.blake2b(_content_key(rec).encode('utf-8', 'surrogatepass'), digest_size=8).digest(), 'little')
@@ -284,7 +284,7 @@ def duplicate_pairs(hashes: np.ndarray) -> list[tuple[int, int]]:
     k = np.argsort(dup, kind='stable')
     return list(zip(first[k].tolist(), dup[k].tolist()))
 
-# %% ../nbs/01_data.ipynb #b0d99c23
+# %% ../nbs/01_data.ipynb #56fecf41
 _MAGIC = [(b'\x00\x00\xfe\xff', 'utf-32'), (b'\xff\xfe\x00\x00', 'utf-32'), (b'\xfe\xff', 'utf-16'), (b'\xff\xfe', 'utf-16'),
           (b'\x1f\x8b', 'gzip'), (b'BZh', 'bzip2'), (b'\xfd7zXZ\x00', 'xz'), (b'\x28\xb5\x2f\xfd', 'zstd'),
           (b'PK\x03\x04', 'zip'), (b'PAR1', 'parquet')]
@@ -307,7 +307,7 @@ _NOT_JSONL = {
     'zip': 'is a zip archive: unpack it (unzip {p}) and give the JSONL files (a folder or a glob works)',
 }
 
-# %% ../nbs/01_data.ipynb #5e2655a7
+# %% ../nbs/01_data.ipynb #370c50f2
 @dataclass(frozen=True)
 class Source:
     "One input of `dataset_path`: a JSONL file (plain or gzip), a Parquet file, or a folder saved by `datasets`."
@@ -370,7 +370,7 @@ def resolve_sources(spec  # a path, a folder, a glob pattern, or a list of these
         seen[k] = src.name
     return out
 
-# %% ../nbs/01_data.ipynb #8cedafab
+# %% ../nbs/01_data.ipynb #fc42f516
 def _hash_file(path, h):
     with open(path, 'rb') as f:
         for block in iter(lambda: f.read(1 << 20), b''): h.update(block)
@@ -445,7 +445,7 @@ def iter_items(src: Source,  # from `resolve_sources`
     if src.kind == 'jsonl': return _jsonl_items(src, offset, 1 if pos is None else pos, hasher)
     return (_parquet_items if src.kind == 'parquet' else _arrow_items)(src, offset)
 
-# %% ../nbs/01_data.ipynb #47b8559c
+# %% ../nbs/01_data.ipynb #1a57f70a
 @dataclass(repr=False)
 class StreamStats:
     "What `inspect_records` counts, gathered one record at a time: the same counts, exact length histograms."
@@ -514,7 +514,7 @@ def _is_json_array(path, limit: int = 256 << 20) -> bool:
     try: return isinstance(json.loads(Path(path).read_text(encoding="utf-8-sig")), list)
     except (ValueError, RecursionError): return False
 
-# %% ../nbs/01_data.ipynb #4030dd75
+# %% ../nbs/01_data.ipynb #09e2d275
 CHUNK = 4096  # records between two seek points of a scan
 
 def where_name(sources: list[Source], s: int, pos: int) -> str:
@@ -561,7 +561,7 @@ class Scan:
             raise DataError(f'{spec}: no records (the file is empty or has only blank lines)' if len(self.sources) == 1 else
                             f'{spec}: no records in {len(self.sources)} files (all empty or blank)')
 
-# %% ../nbs/01_data.ipynb #1edaeff5
+# %% ../nbs/01_data.ipynb #3bd62e95
 def stat_key(path) -> tuple:
     "What says a file (or a folder's files) did not change, without reading it: size, modification time (ns), inode."
     p = Path(path)
@@ -606,7 +606,8 @@ def scan_data(spec,  # dataset_path: a file, folder, glob or list (see `resolve_
     sc = Scan(sources, n_lines, problems, stats, arr(src_ix, np.uint16), arr(pos_ix, np.int64), arr(hashes, np.uint64),
               index, digests, keys, bad_files, kept)
     pairs = duplicate_pairs(sc.hashes)
-    stats.duplicates = ([(int(sc.pos[a]), int(sc.pos[b])) for a, b in pairs] if not named else [(sc.where(a), sc.where(b)) for a, b in pairs])
+    name = (lambda i: sc.where(i)) if named else (lambda i: int(sc.pos[i]))
+    stats.duplicates = [(name(a), name(b)) for a, b in pairs]
     return sc
 
 # %% ../nbs/01_data.ipynb #e9b770a5
@@ -617,7 +618,7 @@ def load_records(path  # dataset_path: a JSONL file, or any input `resolve_sourc
     sc.raise_problems(path)
     return sc.records
 
-# %% ../nbs/01_data.ipynb #25698668
+# %% ../nbs/01_data.ipynb #eadddc16
 def head_records(path,  # dataset_path, as `load_records` takes it
                  n: int  # how many records
                 ) -> list[dict]:
@@ -748,7 +749,7 @@ def plot_lengths(stats: DataStats | StreamStats,  # from `inspect_records` or `s
         fig.savefig(path, dpi=100)
     return fig
 
-# %% ../nbs/01_data.ipynb #a55b9878
+# %% ../nbs/01_data.ipynb #f960d506
 def held_out(n: int,  # number of records
              eval_ratio: float = 0.1,  # share held out for evaluation, in [0, 1)
              seed: int = 42  # same seed, same split
@@ -777,7 +778,7 @@ def split_records(records: list[dict],      # validated records
     held = held_out(len(records), eval_ratio, seed)
     return [r for r, h in zip(records, held) if not h], [r for r, h in zip(records, held) if h]
 
-# %% ../nbs/01_data.ipynb #fd7fb175
+# %% ../nbs/01_data.ipynb #ffbda819
 def overlap(train, ev) -> list[tuple]:
     "`(train record, eval record)` names of the eval records whose content is also in the training data."
     common = np.intersect1d(train.hashes, ev.hashes)
@@ -793,7 +794,7 @@ def load_split(config) -> tuple[list[dict], list[dict]]:
     d = config.data
     return split_records(load_records(config.dataset_path), d.eval_ratio, d.seed, d.eval_dataset_path)
 
-# %% ../nbs/01_data.ipynb #80e7855b
+# %% ../nbs/01_data.ipynb #c07758c6
 def cache_root(cache_dir=None) -> Path:
     "Where qlora_nb caches: `cache_dir` (data.cache_dir), else $QLORA_NB_CACHE, else $XDG_CACHE_HOME/qlora_nb or ~/.cache/qlora_nb."
     if cache_dir: return Path(cache_dir).expanduser()
