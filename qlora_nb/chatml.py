@@ -114,7 +114,7 @@ def encode_messages(messages: list[dict],  # [{'role', 'content'}, ...] with at 
     if ex is None: raise ValueError(f'this conversation gives no training example: {status}')
     return ex
 
-# %% ../nbs/02_chatml.ipynb #31b7db2a
+# %% ../nbs/02_chatml.ipynb #d3872163
 def encode_batch(records: list[dict],  # records (checked again unless `checked`)
                  tokenizer,  # a fast tokenizer with a chat template
                  max_length: int | None = 1024, truncation: str = 'truncate', default_system: str | None = None,
@@ -260,7 +260,7 @@ class PadCollator:
             mask[i, :k] = torch.as_tensor(e['attention_mask']) if 'attention_mask' in e else 1
         return {'input_ids': ids, 'labels': labels, 'attention_mask': mask}
 
-# %% ../nbs/02_chatml.ipynb #8a5febba
+# %% ../nbs/02_chatml.ipynb #8a79ac31
 FORMAT = 1  # what an entry stores: bump it when the columns change
 BATCH = 512  # records per tokenizer call
 SMALL = 20_000  # fewer records than this are encoded in this process (a pool takes seconds to start)
@@ -280,7 +280,7 @@ def _features():
                      '_open': Value('bool'),     # keep_head: its last answer kept without its end
                      '_lost': Value('int32')})   # assistant turns lost to the cut
 
-# %% ../nbs/02_chatml.ipynb #15ff1238
+# %% ../nbs/02_chatml.ipynb #a1975b1c
 def _audit_fast(ids: np.ndarray, lab: np.ndarray, offsets: np.ndarray, im_end: int, open_len: int | None = None) -> int | None:
     "The index of the first example (between `offsets`) that `audit_examples` would refuse, or None; `open_len`: keep_head's max_length."
     starts, ends, t = offsets[:-1], offsets[1:], lab != -100
@@ -294,7 +294,7 @@ def _audit_fast(ids: np.ndarray, lab: np.ndarray, offsets: np.ndarray, im_end: i
     if len(wrong): bad[np.searchsorted(offsets, wrong, side='right') - 1] = True
     return int(np.flatnonzero(bad)[0]) if bad.any() else None
 
-# %% ../nbs/02_chatml.ipynb #eeda47fd
+# %% ../nbs/02_chatml.ipynb #4bc61b7a
 _READERS: dict = {}  # per process: the reader left where the last chunk ended
 
 def _chunk_records(src: Source, s: int, first: int, end: int, offset: int, pos: int):
@@ -345,14 +345,14 @@ def _encode_chunk(batch: dict, tokenizer, settings: dict, report_dir: str):
                      '_trained': pa.array(trained), '_cut': pa.array(cols['cut'], pa.bool_()),
                      '_open': pa.array(cols['open'], pa.bool_()), '_lost': pa.array(cols['lost'], pa.int32())})
 
-# %% ../nbs/02_chatml.ipynb #7cdd4fef
+# %% ../nbs/02_chatml.ipynb #3b41e795
 def make_chunks(scan) -> list[dict]:
     "The chunks of a scan: source, first record, end record, and the byte offset (or row) and line where the first is."
     bounds = list(scan.index) + [(None, scan.n_records, None, None)]
     return [{'source': s, 'first': first, 'end': nxt, 'offset': off, 'pos': pos}
             for (s, first, off, pos), (_, nxt, _, _) in zip(bounds[:-1], bounds[1:])]
 
-# %% ../nbs/02_chatml.ipynb #ee45853a
+# %% ../nbs/02_chatml.ipynb #56433da5
 def code_hash() -> str:
     "sha256 of `FORMAT` and of the source of the modules that read, check and encode records."
     import qlora_nb.data, qlora_nb.chatml
@@ -377,7 +377,7 @@ def fingerprint(sources: list[Source], digests: list[str], tokenizer, max_length
              'max_length': max_length, 'truncation': truncation, 'default_system': default_system}
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:32], parts
 
-# %% ../nbs/02_chatml.ipynb #be802f60
+# %% ../nbs/02_chatml.ipynb #483fb549
 def _cores() -> int:
     try: return len(os.sched_getaffinity(0))
     except AttributeError: return os.cpu_count() or 1
@@ -440,7 +440,7 @@ def _check_space(folder: Path, sources: list[Source]):
         warnings.warn(f'{folder}: {free / 2**30:.1f} GiB free; the encoded examples may need about {need / 2**30:.1f} GiB '
                       '(set data.cache_dir or QLORA_NB_CACHE to a bigger disk)')
 
-# %% ../nbs/02_chatml.ipynb #682663cb
+# %% ../nbs/02_chatml.ipynb #75ed8d12
 @dataclass(repr=False)
 class Encoded:
     "Every example of one data set (all columns), its manifest, and whether it came from the cache."
@@ -551,7 +551,7 @@ def data_info(enc: Encoded) -> dict:
             'cache': str(enc.entry), 'reused': enc.warm, 'records': enc.n_records, 'examples': len(enc.dataset),
             'sources': [{'name': s.name, 'kind': s.kind, 'sha256': d['sha256']} for s, d in zip(enc.sources, src)]}
 
-# %% ../nbs/02_chatml.ipynb #07ff9790
+# %% ../nbs/02_chatml.ipynb #adbab0ff
 def view(enc: Encoded,
          keep: np.ndarray | None = None,  # a mask over record indices (`held_out` or its negation); None: all records
          max_length=None, truncation='truncate') -> tuple:
@@ -575,7 +575,7 @@ def view(enc: Encoded,
                      {'open_ended': int(enc.column('_open')[sel].sum())} if truncation == 'keep_head' else {})
     return ds, rep
 
-# %% ../nbs/02_chatml.ipynb #81a8325f
+# %% ../nbs/02_chatml.ipynb #da27d042
 def cache_entries(cache_dir=None) -> list[dict]:
     "Each cached data set: its folder, size in bytes, inputs, records, and last use (a time stamp)."
     root, out = cache_root(cache_dir)/'examples', []
