@@ -10,7 +10,7 @@ __all__ = ['DEFAULT_SYSTEM', 'EXIT_OK', 'EXIT_DATA', 'EXIT_CONFIG', 'EXIT_TRAIN'
            'resolve_model_path', 'load_config', 'check_training_args']
 
 # %% ../nbs/00_config.ipynb #ba1da746
-import contextvars, copy, dataclasses, difflib, enum, functools, importlib.metadata, json, operator, os, re, shlex
+import contextvars, copy, dataclasses, difflib, enum, functools, glob, importlib.metadata, itertools, json, operator, os, re, shlex
 import tempfile, types, typing, warnings
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -75,12 +75,15 @@ class DataSection:
     "How records become training examples."
     max_length: int = 1024  # tokens per example, prompt included
     eval_ratio: float = 0.1  # share of records held out for evaluation (ignored when eval_dataset_path is set)
-    eval_dataset_path: Path | None = None  # a separate JSONL eval set
+    eval_dataset_path: Path | list[Path] | None = None  # a separate eval set (the kinds dataset_path takes)
     seed: int = 42  # seed of the train/eval split
     # system prompt for records without one; null keeps the template's own default
     default_system: str | None = DEFAULT_SYSTEM
-    # over-long examples: keep whole assistant turns that fit, or drop the example
-    truncation: Literal['truncate', 'drop'] = 'truncate'
+    # over-long examples: keep whole assistant turns that fit (truncate), drop the example (drop), or also keep the head
+    # of the answer the cut runs through, without its <|im_end|> (keep_head: more text trained, but answers that never end)
+    truncation: Literal['truncate', 'drop', 'keep_head'] = 'truncate'
+    # where encoded examples are cached (about 8 bytes a token); null: $QLORA_NB_CACHE, else ~/.cache/qlora_nb
+    cache_dir: Path | None = None
 
 @dataclass
 class EvalSection:
@@ -131,7 +134,7 @@ class TrainingSection:
 class Config:
     "The whole job: model, data, output folder, quantization, LoRA, training arguments, and the optional sections."
     model_name_or_path: str  # a Hub id (Qwen/Qwen2.5-7B-Instruct) or a local folder
-    dataset_path: Path  # JSONL records
+    dataset_path: Path | list[Path]  # the records: JSONL (or .jsonl.gz), Parquet, a folder, a glob, or a list of these
     output_dir: Path  # checkpoints, lora_adapter/, final_model/, eval/
     # true: the newest checkpoint in output_dir; a path: that checkpoint; false: start fresh
     resume_from_checkpoint: bool | Path = True
@@ -440,30 +443,54 @@ def _resolve(p, base):
     p = Path(p).expanduser()
     return p if p.is_absolute() else (base/p).resolve()
 
+def _resolve_data(p, base):
+    "A data path (a file, folder or glob pattern) or each path of a list, resolved against folder `base`."
+    return None if p is None else [_resolve(x, base) for x in p] if isinstance(p, list) else _resolve(p, base)
+
 def resolve_model_path(name, base):
     "A local path for `name` if it is one (relative to folder `base`), else the Hub id unchanged."
     if name.startswith(('./', '../', '/', '~', '.\\', '..\\')) or (base/name).exists(): return str(_resolve(name, base))
     return name
 
 # %% ../nbs/00_config.ipynb #287d2038
+def _data_paths(p) -> list[Path]:
+    "The paths of a data key: none, one, or each of a list."
+    return [] if p is None else list(p) if isinstance(p, list) else [p]
+
+def _is_glob(p) -> bool: return any(c in str(p) for c in '*?[') and not Path(p).exists()
+
+def _data_folder(p: Path) -> tuple[Path, bool]:
+    "`(folder, whole)`: the folder holding data path `p`, and whether all of that folder is read (a folder, a ** glob)."
+    if _is_glob(p):
+        fixed = Path(*[q for q in itertools.takewhile(lambda q: not _is_glob(q), p.parts)])
+        return (fixed, True) if '**' in p.parts else (p.parent, False)
+    p = p.resolve()
+    return (p, True) if p.is_dir() else (p.parent, False)
+
 def _check_paths(config, raw: dict, where, data: bool = True):
     "Refuse missing data files (when `data`) and an `output_dir` that is a file or holds the config or the data."
     base = config.config_path.parent
-    hint = lambda key: (f" (relative paths resolve against the config file's folder, {base})"
-                        if not Path(str(raw.get(key, '/'))).expanduser().is_absolute() else '')
-    files = {'dataset_path': config.dataset_path, 'data.eval_dataset_path': config.data.eval_dataset_path}
-    for key, p in files.items():
-        if data and p is not None and not p.exists(): raise ConfigError(f'{where(key)}{key}: {p} does not exist{hint(key)}')
+    files = {'dataset_path': _data_paths(config.dataset_path), 'data.eval_dataset_path': _data_paths(config.data.eval_dataset_path)}
+    for key, ps in files.items():
+        raws = raw.get(key) if isinstance(raw.get(key), list) else [raw.get(key, '/')] * len(ps)
+        for p, r in zip(ps, raws) if data else ():
+            hint = (f" (relative paths resolve against the config file's folder, {base})"
+                    if not Path(str(r)).expanduser().is_absolute() else '')
+            if _is_glob(p) and not glob.glob(str(p), recursive=True):
+                raise ConfigError(f'{where(key)}{key}: {p} matches no file{hint}')
+            if not _is_glob(p) and not p.exists(): raise ConfigError(f'{where(key)}{key}: {p} does not exist{hint}')
     out = Path(config.output_dir).resolve()
     if out.is_file(): raise ConfigError(f'{where("output_dir")}output_dir: {out} is a file; give a folder '
                                         '(it is created if missing)')
     own = f'; give it a folder of its own, such as {base/"output"/"run"}'
     if out == Path(out.anchor): raise ConfigError(f'{where("output_dir")}output_dir: {out} is the file-system root{own}')
     if out == Path.home().resolve(): raise ConfigError(f'{where("output_dir")}output_dir: {out} is your home folder{own}')
-    for what, p in (('the config file', config.config_path), *((k, v) for k, v in files.items() if v is not None)):
-        folder = Path(p).resolve().parent
+    for what, p in (('the config file', config.config_path), *((k, v) for k, ps in files.items() for v in ps)):
+        folder, whole = _data_folder(Path(p))
         if out == folder or out in folder.parents:
             raise ConfigError(f'{where("output_dir")}output_dir: {out} holds {what} ({p}){own}')
+        if whole and folder in out.parents:  # a data folder (or a ** glob) would read what training writes there
+            raise ConfigError(f'{where("output_dir")}output_dir: {out} is inside the data folder of {what} ({p}){own}')
 
 # %% ../nbs/00_config.ipynb #1b176a2a
 def _check_training(config, where):
@@ -498,9 +525,10 @@ def load_config(path,  # the YAML config file
     cfg = _build(Config, data_, where)
     base = path.parent
     cfg.model_name_or_path = resolve_model_path(cfg.model_name_or_path, base)
-    cfg.dataset_path, cfg.output_dir = _resolve(cfg.dataset_path, base), _resolve(cfg.output_dir, base)
+    cfg.dataset_path, cfg.output_dir = _resolve_data(cfg.dataset_path, base), _resolve(cfg.output_dir, base)
     if isinstance(cfg.resume_from_checkpoint, Path): cfg.resume_from_checkpoint = _resolve(cfg.resume_from_checkpoint, base)
-    if cfg.data.eval_dataset_path is not None: cfg.data.eval_dataset_path = _resolve(cfg.data.eval_dataset_path, base)
+    cfg.data.eval_dataset_path = _resolve_data(cfg.data.eval_dataset_path, base)
+    if cfg.data.cache_dir is not None: cfg.data.cache_dir = _resolve(cfg.data.cache_dir, base)
     cfg.config_path, cfg._where = path, where
     raw = {**data_, 'data.eval_dataset_path': (data_.get('data') or {}).get('eval_dataset_path')}
     _check_paths(cfg, raw, where, data)

@@ -18,8 +18,8 @@ from .train import (METRICS, STAGING, TRASH, TrainError, TrainInterrupted, find_
 
 # %% auto #0
 __all__ = ['U32', 'ExportError', 'MergeCheckError', 'dequantize_model', 'load_merge_base', 'adapter_problems', 'rounding_bound',
-           'check_merge_weights', 'exact_float32', 'compare_logits', 'check_merge', 'stale_staging', 'MergeResult',
-           'merge_adapter']
+           'check_merge_weights', 'exact_float32', 'compare_logits', 'check_merge', 'stale_staging', 'first_examples',
+           'MergeResult', 'merge_adapter']
 
 # %% ../nbs/06_export.ipynb #239b9873
 class ExportError(TrainError):
@@ -288,6 +288,11 @@ def stale_staging(out_dir) -> list[Path]:
     return found
 
 
+# %% ../nbs/06_export.ipynb #ca91f1f7
+def first_examples(exs, k: int) -> list[dict]:
+    "The first `k` examples of a list or a `datasets.Dataset`, as a list of dicts."
+    return [exs[i] for i in range(min(k, len(exs)))]
+
 # %% ../nbs/06_export.ipynb #97b1eed2
 @dataclass
 class MergeResult:
@@ -319,7 +324,7 @@ def _manifest(config: Config, tokenizer, adapter_dir: Path, metrics: dict | None
 def merge_adapter(config: Config,  # the run's config (base model, quantization, export settings)
                   adapter_dir=None,  # a PEFT adapter folder; default output_dir/lora_adapter (a checkpoint-N folder works too)
                   out_dir=None,  # where to write the merged model; default output_dir/final_model
-                  check_examples: list[dict] | None = None,  # encoded examples for the logit report; default: the eval split
+                  check_examples=None,  # encoded examples (a list or a Dataset) for the logit report; default: the eval split
                   metrics: dict | None = None  # run metrics for training_config.json; default: from output_dir/metrics.jsonl
                  ) -> MergeResult:
     "Merge the LoRA adapter into the base weights (`config.export.merge_into`), check every weight, save `final_model/`."
@@ -349,7 +354,7 @@ def merge_adapter(config: Config,  # the run's config (base model, quantization,
             tokenizer.save_pretrained(str(staging))
             del merged; free_memory()
             if check_examples is None: check_examples = examples(config, tokenizer, 'eval')[0] or examples(config, tokenizer)[0]
-            check = check_merge(config, staging, adapter_dir, check_examples[:config.export.check_prompts])
+            check = check_merge(config, staging, adapter_dir, first_examples(check_examples, config.export.check_prompts))
             check.update(merge_into=mode, enforced=mode != 'original')
             (staging/'training_config.json').write_text(json.dumps(_manifest(config, tokenizer, adapter_dir, metrics, check), indent=2,
                                                                    ensure_ascii=False), encoding='utf-8')
