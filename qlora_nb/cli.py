@@ -72,23 +72,26 @@ def validate(config_path,  # the YAML config
     cfg = _config(config_path, overrides)
     check_training_args(cfg)
     print('training_args  ok (transformers.TrainingArguments accepts them)')
-    from qlora_nb.data import format_stats, inspect_records, load_records, load_split, plot_lengths
-    from qlora_nb.chatml import examples
+    from qlora_nb.data import format_stats, plot_lengths
+    from qlora_nb.chatml import check_data, encoded, examples
     from qlora_nb.model import load_tokenizer
-    records = load_records(cfg.dataset_path)
-    print(f'dataset        {cfg.dataset_path}: {len(records)} records, all valid')
+    d = cfg.data
+    checked = check_data(cfg.dataset_path, d.default_system, d.cache_dir)  # every bad line, before the model is looked at
     tok = load_tokenizer(cfg)
-    stats = inspect_records(records, tok, cfg.data.max_length, cfg.data.default_system)
+    enc = encoded(cfg.dataset_path, tok, d.max_length, d.truncation, d.default_system, cache_dir=d.cache_dir, checked=checked)
+    print(f'dataset        {cfg.dataset_path}: {enc.n_records} records, all valid')
+    stats = enc.stats(d.max_length)
     print(format_stats(stats))
     if plot: plot_lengths(stats, plot); print(f'plot           {plot}')
-    train, ev = load_split(cfg)
-    print(f'split          {len(train)} train, {len(ev)} eval')
-    for split, recs in (('train', train), ('eval', ev)):
-        _, report = examples(cfg, tok, split, records=recs)
+    reports = {split: examples(cfg, tok, split)[1] for split in ('train', 'eval')}
+    print(f"split          {reports['train'].n_records} train, {reports['eval'].n_records} eval")
+    for split, report in reports.items():
         print(f'encoding       {split}: {report}')
         if a := report.audit:
             print(f"audit          {split} ok: {a['examples']} examples, {a['trained_tokens']} of {a['tokens']} tokens "
-                  'trained, every assistant turn ends in a trained <|im_end|>')
+                  'trained, every assistant turn ends in a trained <|im_end|>' +
+                  (f" except the {a['open_ended']} kept without their end (keep_head)" if a.get('open_ended') else ''))
+    print(f"cache          {enc.entry} ({'reused' if enc.warm else 'built'} in {enc.seconds:.1f} s)")
 
 # %% ../nbs/09_cli.ipynb #fa12ced7
 def preview_records(config_path,  # the YAML config
@@ -98,15 +101,16 @@ def preview_records(config_path,  # the YAML config
                    ):
     "Print the first `n` records of the dataset as ChatML with the trained tokens marked."
     cfg = _config(config_path, overrides, file=sys.stderr)
-    from qlora_nb.data import load_records
+    from pathlib import Path
+    from qlora_nb.data import head_records
     from qlora_nb.chatml import examples, preview, preview_json
     from qlora_nb.model import load_tokenizer
-    records, tok = load_records(cfg.dataset_path)[:n], load_tokenizer(cfg)
+    records, tok = head_records(cfg.dataset_path, n), load_tokenizer(cfg)
     encoded, report = examples(cfg, tok, 'preview', records=records)
     for ex in encoded:
         if as_json: print(json.dumps(preview_json(ex, tok), ensure_ascii=False)); continue
         n_trained = sum(l != -100 for l in ex['labels'])
-        print(f"── {cfg.dataset_path.name}:{ex['_line']}: {len(ex['input_ids'])} tokens, "
+        print(f"── {ex.get('_at') or f'{Path(cfg.dataset_path).name}:' + str(ex['_line'])}: {len(ex['input_ids'])} tokens, "
               f'{n_trained} trained (⟦marked⟧) ──')
         print(preview(ex, tok, html=False))
     if report.dropped or report.cut: print(f'note: {report}', file=sys.stderr)

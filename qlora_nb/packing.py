@@ -38,7 +38,10 @@ def pack_bins(lengths,  # token count of each example
 def example_lengths(examples, lengths=None) -> list[int]:
     "Token counts of `examples`: `lengths` if given, else a `length` column (read without the rows), else each row's."
     if lengths is not None: return list(lengths)
-    if 'length' in (getattr(examples, 'column_names', None) or ()): return list(examples['length'])
+    if 'length' in (getattr(examples, 'column_names', None) or ()):
+        if hasattr(examples, 'select_columns'):  # a datasets.Dataset: the column read as one Arrow array, not row by row
+            return examples.select_columns(['length']).with_format('arrow')[:]['length'].to_pylist()
+        return list(examples['length'])
     return [len(examples[i]['input_ids']) for i in range(len(examples))]
 
 # %% ../nbs/02a_packing.ipynb #ed8b4bd2

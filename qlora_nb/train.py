@@ -17,6 +17,7 @@ from transformers.trainer_callback import ProgressCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from .config import Config, ConfigError, QloraError, EXIT_LOCKED, EXIT_TRAIN, EXIT_INTERRUPTED, check_training_args, option
 from .chatml import TRUNCATION, PadCollator, examples
+from .data import DataError, dataset_sha256, resolve_sources
 from .model import compute_dtype, free_memory, input_device, is_fsdp, load_tokenizer, load_model
 from .lora import add_lora
 from .distributed import (check_distributed, check_launch, check_resume_launch, check_shared_output, distributed_args,
@@ -399,9 +400,14 @@ def _listing(out: Path) -> list[str]:
     "The entries of `out` other than qlora_nb's own bookkeeping, in natural order."
     return sorted((p.name for p in out.iterdir() if not _INTERNAL.fullmatch(p.name)), key=_natural) if out.is_dir() else []
 
+def _data_files(spec) -> list[Path]:
+    "The files of a data path (a file, folder, glob or list); none when they cannot be found (reading the data says why)."
+    try: return [] if spec is None else [s.path for s in resolve_sources(spec)]
+    except DataError: return []
+
 def _inputs(config: Config) -> list[Path]:
     "The files a run reads: never deleted or written over, whatever they are called."
-    ps = [config.dataset_path, config.data.eval_dataset_path, config.config_path, config.model_name_or_path]
+    ps = [*_data_files(config.dataset_path), *_data_files(config.data.eval_dataset_path), config.config_path, config.model_name_or_path]
     return [Path(p).resolve() for p in ps if p and Path(p).exists()]
 
 def _holds_input(entry: Path, inputs: list[Path]) -> Path | None:
@@ -467,7 +473,7 @@ SHAPE_KEYS = ('lora_config.r', 'lora_config.target_modules', 'lora_config.use_do
               'training_args.optim')  # a checkpoint cannot be loaded across these
 KEPT_FROM_CHECKPOINT = ('training_args.learning_rate', 'training_args.weight_decay', 'training_args.adam_beta1',
                         'training_args.adam_beta2', 'training_args.adam_epsilon')  # restored with the optimizer and scheduler states
-_NOT_COMPARED = ('dataset.path', 'eval_dataset.path', 'data.eval_dataset_path', 'base_model.name_or_path', 'base_model.source',
+_NOT_COMPARED = ('dataset.path', 'eval_dataset.path', 'data.eval_dataset_path', 'data.cache_dir', 'base_model.name_or_path', 'base_model.source',
                  'base_model.sha256', 'base_model.revision', 'stop.')
 
 def _jsonable(x): return json.loads(json.dumps(x, default=str))
@@ -497,8 +503,8 @@ def _template_sha(tokenizer) -> str | None:
 def run_fingerprint(config: Config, tokenizer, args: TrainingArguments, base_model: dict | None = None) -> dict:
     "What decides the weights a checkpoint holds: data and template hashes, base model, LoRA, data and optimisation settings."
     ta, cd, ev = args.to_dict(), config.to_dict(), config.data.eval_dataset_path
-    return _jsonable({'dataset': {'path': str(config.dataset_path), 'sha256': sha256_file(config.dataset_path)},
-                      'eval_dataset': {'path': str(ev), 'sha256': sha256_file(ev)} if ev else None,
+    return _jsonable({'dataset': {'path': str(config.dataset_path), 'sha256': dataset_sha256(config.dataset_path, config.data.cache_dir)},
+                      'eval_dataset': {'path': str(ev), 'sha256': dataset_sha256(ev, config.data.cache_dir)} if ev else None,
                       'chat_template_sha256': _template_sha(tokenizer), 'base_model': base_model or base_model_info(config),
                       'quantization_config': cd['quantization_config'], 'lora_config': cd['lora_config'], 'data': cd['data'],
                       'training_args': {k: ta[k] for k in FINGERPRINT_ARGS if k in ta}, 'world_size': args.world_size,
@@ -1073,8 +1079,8 @@ def run_manifest(config: Config, tokenizer, metrics: dict | None = None, merge_c
         base['relative_to_adapter'] = os.path.relpath(base['name_or_path'], Path(adapter_dir).resolve())
     return {'config': config.to_dict(), 'training_arguments': _jsonable(args.to_dict()) if args is not None else None,
             'base_model': base, 'versions': library_versions(), 'source': source_commit(),
-            'dataset': {'path': str(config.dataset_path), 'sha256': sha256_file(config.dataset_path),
-                        'eval_path': str(ev) if ev else None, 'eval_sha256': sha256_file(ev) if ev else None},
+            'dataset': {'path': str(config.dataset_path), 'sha256': dataset_sha256(config.dataset_path, config.data.cache_dir),
+                        'eval_path': str(ev) if ev else None, 'eval_sha256': dataset_sha256(ev, config.data.cache_dir) if ev else None},
             'chat_template_sha256': _template_sha(tokenizer),
             'examples': {k: report_dict(r) for k, r in reports.items() if r is not None} if reports else None,
             'global_step': global_step, 'resumed_from': str(resumed_from) if resumed_from else None,
@@ -1115,13 +1121,8 @@ def report_examples(reports: dict) -> list[str]:
     for split, rep in reports.items():
         if rep is None or not rep.n_records: continue
         print(f'examples       {split}: {rep}')
-        if len(rep.dropped) > DROP_WARN * rep.n_records:
-            other = [t for t in TRUNCATION if t != rep.truncation]
-            warns.append(f'WARNING: {len(rep.dropped)} of {rep.n_records} {split} records ({len(rep.dropped) / rep.n_records:.0%}) '
-                         f'are not used: no assistant turn of theirs fits in data.max_length={rep.max_length}. '
-                         'Raise data.max_length, shorten those records'
-                         + (f', or see data.truncation ({", ".join(other)})' if other else '') + '; qlora_nb_validate lists them')
-            print(warns[-1], file=sys.stderr)
+        for w in rep.warnings(split, DROP_WARN):  # records dropped; with keep_head, answers trained without an end
+            warns.append(w); print(w, file=sys.stderr)
     return warns
 
 @contextlib.contextmanager
