@@ -216,7 +216,7 @@ EOF
   cat <<EOF
 
 On the GPU machine (run tool: carry [".whl"]), start the command with:
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:\$PWD PATH=/tmp/site/bin:\$PATH || exit 1; python3 -c 'import bitsandbytes, nbdev, datasets, rapidfuzz' || exit 1;
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl && python3 -m pip install -q --no-index --no-deps --no-build-isolation --upgrade --target /tmp/site . && export PYTHONPATH=\$PWD:/tmp/site PATH=/tmp/site/bin:\$PATH || exit 1; python3 -c 'import bitsandbytes, nbdev, datasets, rapidfuzz' || exit 1;
 EOF
   ;;
 *) echo "usage: $0 [--resolve|--check]"; exit 2;;

@@ -354,12 +354,12 @@ _TRAINING_ARGS = {  # TrainingArguments' fields by type, as `training_args_sourc
     str | list[str]: 'debug',
 }
 
-def _training_arg_fields() -> dict:
-    "TrainingArguments' `{field: type}`: the stored ones when the installed transformers is theirs, else imported."
+def _training_arg_fields(keys=()) -> dict:
+    "TrainingArguments' `{field: type}`: the stored ones for their transformers or when they know all `keys`, else imported."
+    stored = {n: tp for tp, names in _TRAINING_ARGS.items() for n in names.split()}
     try: installed = importlib.metadata.version('transformers')
     except importlib.metadata.PackageNotFoundError: installed = None
-    if installed in (None, _TRAINING_ARGS_FOR):
-        return {n: tp for tp, names in _TRAINING_ARGS.items() for n in names.split()}
+    if installed in (None, _TRAINING_ARGS_FOR) or all(k in stored for k in keys): return stored
     return training_arg_types()
 
 # %% ../nbs/00_config.ipynb #01c8c271
@@ -371,7 +371,7 @@ _OWN_KEYS = {'output_dir', 'resume_from_checkpoint'}
 
 def _check_training_args(args, where):
     "Check `training_args` mapping `args`: names and types of TrainingArguments fields, and `RULES`."
-    fields_ = _training_arg_fields()
+    fields_ = _training_arg_fields(args)
     for k, v in args.items():
         key = f'training_args.{k}'
         if k in _OWN_KEYS: raise ConfigError(f'{where(key)}{key}: set it at the top level of the config ({k}: ...), '

@@ -216,7 +216,7 @@ def adapter_diff(dir_a, dir_b) -> float:
 
 # %% ../nbs/90_tiny.ipynb #dee08b10
 def train_polite(out_dir,  # a new folder for the data, the run and its outputs
-                 steps: int = 20,  # training steps
+                 steps: int = 40,  # training steps
                  merge: bool = False,  # also write the merged final_model/
                 ):
     "Train the tiny model to answer every shipped instruction with '好的。'; return the run's config (short generations)."
@@ -228,7 +228,7 @@ def train_polite(out_dir,  # a new folder for the data, the run and its outputs
                               for r in load_records(root/'data/novel_finetuning_dataset.jsonl') if 'instruction' in r), encoding='utf-8')
     common = [f'dataset_path={polite}', f'output_dir={out_dir/"run"}']
     train(load_config(root/'config_test.yaml', common + [f'training_args.max_steps={steps}', 'training_args.gradient_accumulation_steps=1',
-          'training_args.learning_rate=0.01', 'training_args.warmup_steps=2', 'training_args.eval_steps=10', 'training_args.save_steps=100',
+          'training_args.learning_rate=0.003', 'training_args.warmup_steps=2', 'training_args.eval_steps=20', 'training_args.save_steps=100',
           'training_args.disable_tqdm=true']))
     cfg = load_config(root/'config_test.yaml', common + ['eval.num_prompts=8', 'eval.max_new_tokens=32'])
     if merge:

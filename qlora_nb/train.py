@@ -1001,17 +1001,16 @@ def nonfinite_tensors(folder) -> list[str]:
 
 # %% ../nbs/05_train.ipynb #7e410433
 def align_config_tokens(model, tokenizer):
-    "Give `model.config` the tokenizer's pad and bos ids and the generation config's eos ids, so the `Trainer` finds nothing to realign."
+    "Give `model.config` the tokenizer's eos, pad and bos ids (the generation config keeps all its stop ids), so the `Trainer` finds nothing to realign."
     cfg, gen = model.config.get_text_config(), getattr(model, 'generation_config', None)
     eos = getattr(gen, 'eos_token_id', None)
     eos = eos if isinstance(eos, list) else [e for e in (eos, tokenizer.eos_token_id) if e is not None]
     if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in eos: eos = [tokenizer.eos_token_id, *eos]
-    if eos: cfg.eos_token_id = eos if len(eos) > 1 else eos[0]
+    if eos: cfg.eos_token_id = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else eos[0]  # one id, as Qwen's config.json
     if gen is not None and eos: gen.eos_token_id = eos
-    for name in ('pad_token_id', 'bos_token_id'):
-        if (v := getattr(tokenizer, name)) is not None:
-            setattr(cfg, name, v)
-            if gen is not None: setattr(gen, name, v)
+    for name in ('pad_token_id', 'bos_token_id'):  # None too: transformers before 5.2x realigns a bos the tokenizer lacks
+        setattr(cfg, name, getattr(tokenizer, name))
+        if gen is not None: setattr(gen, name, getattr(tokenizer, name))
     return model
 
 class QuietEvalProgress(ProgressCallback):
