@@ -13,8 +13,9 @@ from .config import Config
 from .chatml import examples
 from .model import free_memory, input_device, keep_cpu_layout, load_model, load_tokenizer
 from .infer import check_adapter
-from .train import (METRICS, STAGING, TRASH, TrainError, TrainInterrupted, find_last_checkpoint, model_compute_dtype, output_lock,
-                            publish_dir, read_metrics, record_outputs, run_manifest, summarize_metrics)
+from .speed import model_compute_dtype
+from .train import (METRICS, STAGING, TRASH, TrainError, TrainInterrupted, find_last_checkpoint, output_lock, publish_dir,
+                            read_metrics, record_outputs, run_manifest, summarize_metrics)
 
 # %% auto #0
 __all__ = ['U32', 'ExportError', 'MergeCheckError', 'dequantize_model', 'load_merge_base', 'adapter_problems', 'rounding_bound',

@@ -5,25 +5,23 @@
 # %% ../nbs/05_train.ipynb #27898a28
 from __future__ import annotations
 import contextlib, dataclasses, hashlib, json, logging, math, os, platform, re, shutil, socket, subprocess, sys, time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 import torch
-import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
 import transformers
 from transformers import Trainer, TrainerCallback, TrainerState, TrainingArguments
 from transformers.trainer_callback import ProgressCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from .config import Config, ConfigError, QloraError, EXIT_LOCKED, EXIT_TRAIN, EXIT_INTERRUPTED, check_training_args, option
-from .chatml import TRUNCATION, PadCollator, examples
+from .chatml import PadCollator, examples
 from .data import DataError, dataset_sha256, resolve_sources
-from .model import compute_dtype, free_memory, input_device, is_fsdp, load_tokenizer, load_model
+from .model import compute_dtype, free_memory, load_tokenizer, load_model
 from .lora import add_lora
 from .distributed import (check_distributed, check_launch, check_resume_launch, check_shared_output, distributed_args,
                                   save_adapter)
-from .packing import (ROWS, VARLEN, PackCollator, PackedTrainerMixin, _round_up, attention_kernel, example_lengths,
-                              use_packing, varlen_kwargs)
+from .packing import PackCollator, PackedTrainerMixin, example_lengths
+from .speed import SpeedPlan, _is_oom, apply_speed, checkpoint_layers, oom_advice, speed_plan, wants_checkpointing
 
 try: import fcntl
 except ImportError: fcntl = None  # Windows: an O_EXCL lock file instead of flock (see output_lock)
@@ -32,16 +30,13 @@ _log = logging.getLogger(__name__)
 
 # %% auto #0
 __all__ = ['LOCK', 'OUTPUT_MANIFEST', 'STAGING', 'TRASH', 'CHECKSUMS', 'RUN_INFO', 'OUTPUTS', 'TRAIN_OUTPUTS', 'FINGERPRINT_ARGS',
-           'STOP_ARGS', 'SHAPE_KEYS', 'KEPT_FROM_CHECKPOINT', 'METRICS', 'CE_CHUNK', 'GiB', 'ROW_SIZES', 'LIBRARIES',
-           'DROP_WARN', 'TrainError', 'TrainInterrupted', 'OutputLocked', 'writable_dir', 'describe_holder',
-           'output_lock', 'record_outputs', 'forget_outputs', 'owned_outputs', 'checkpoint_step', 'sha256_file',
-           'write_checksums', 'checkpoint_problems', 'list_checkpoints', 'find_last_checkpoint', 'discard_dir',
-           'publish_dir', 'rotate_checkpoints', 'clean_leftovers', 'QLoRATrainer', 'resolve_resume', 'base_model_info',
+           'STOP_ARGS', 'SHAPE_KEYS', 'KEPT_FROM_CHECKPOINT', 'METRICS', 'LIBRARIES', 'DROP_WARN', 'TrainError',
+           'TrainInterrupted', 'OutputLocked', 'writable_dir', 'describe_holder', 'output_lock', 'record_outputs',
+           'forget_outputs', 'owned_outputs', 'checkpoint_step', 'sha256_file', 'write_checksums',
+           'checkpoint_problems', 'list_checkpoints', 'find_last_checkpoint', 'discard_dir', 'publish_dir',
+           'rotate_checkpoints', 'clean_leftovers', 'QLoRATrainer', 'resolve_resume', 'base_model_info',
            'run_fingerprint', 'fingerprint_changes', 'check_resume', 'training_arguments', 'read_metrics',
-           'MetricsLogger', 'plot_loss_curve', 'chunked_lm_loss', 'model_compute_dtype', 'use_chunked_loss',
-           'MemoryModel', 'usable_bytes', 'memory_model', 'decoder_layers', 'checkpoint_layers', 'compile_layers',
-           'uncompile_layers', 'liger_problem', 'apply_liger', 'SpeedPlan', 'wants_checkpointing', 'speed_plan',
-           'apply_speed', 'oom_advice', 'diverged', 'NonFiniteGuard', 'nonfinite_tensors', 'align_config_tokens',
+           'MetricsLogger', 'plot_loss_curve', 'diverged', 'NonFiniteGuard', 'nonfinite_tensors', 'align_config_tokens',
            'QuietEvalProgress', 'setup_training', 'library_versions', 'source_commit', 'report_dict', 'run_manifest',
            'summarize_metrics', 'TrainResult', 'report_examples', 'train']
 
@@ -638,326 +633,6 @@ def plot_loss_curve(rows: list[dict], path=None, marks: dict | None = None):
     fig.tight_layout()
     if path is not None: fig.savefig(path, dpi=100)
     return fig
-
-# %% ../nbs/05_train.ipynb #3d2f18be
-CE_CHUNK = 1024  # tokens whose logits are computed at once (1,024 x 152k vocabulary x 10 bytes: 1.5 GB held)
-
-def _chunk_ce(h, head, y): return F.cross_entropy(head(h).float(), y, reduction='sum')
-
-def chunked_lm_loss(hidden,  # (B, T, d): the last hidden states
-                    lm_head,  # the output layer (a module: an adapter on it is trained)
-                    labels,  # (B, T) unshifted labels, -100 where not trained
-                    num_items_in_batch=None,  # the Trainer's count of trained tokens in the whole step
-                    chunk: int = CE_CHUNK):
-    "Next-token cross-entropy through `lm_head`, `chunk` tokens at a time, each chunk's logits recomputed in the backward."
-    shift = F.pad(labels, (0, 1), value=-100)[..., 1:]
-    keep = shift != -100
-    h, y = hidden[keep], shift[keep]  # only the positions that are trained
-    if y.numel() == 0: return hidden.sum() * 0.0
-    total = 0.0
-    for i in range(0, y.numel(), chunk):
-        args = (h[i:i + chunk], lm_head, y[i:i + chunk])
-        total = total + (checkpoint(_chunk_ce, *args, use_reentrant=False) if torch.is_grad_enabled() else _chunk_ce(*args))
-    n = num_items_in_batch if num_items_in_batch is not None else y.numel()
-    return total / (n.to(total.device) if torch.is_tensor(n) else n)
-
-def _causal_lm(model):
-    "The transformers `*ForCausalLM` inside a `PeftModel` (or the model itself)."
-    return model.get_base_model() if hasattr(model, 'get_base_model') else model
-
-def model_compute_dtype(model) -> torch.dtype:
-    "The dtype `model` computes in: its 4-bit layers' compute dtype, else its parameters' dtype."
-    for m in model.modules():
-        if isinstance(d := getattr(m, 'compute_dtype', None), torch.dtype): return d
-    return model.dtype
-
-def use_chunked_loss(model, chunk: int = CE_CHUNK):
-    "Make `model(..., labels=...)` compute its loss with `chunked_lm_loss` (and return no logits); return `model`."
-    from transformers.modeling_outputs import CausalLMOutputWithPast
-    lm = _causal_lm(model)
-    if 'forward' in vars(lm): return model  # already replaced (chunked, or Liger's fused loss)
-    full = lm.forward
-
-    def forward(input_ids=None, attention_mask=None, position_ids=None, labels=None, num_items_in_batch=None, **kwargs):
-        if labels is None: return full(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, **kwargs)
-        for k in ('logits_to_keep', 'return_dict', 'use_cache'): kwargs.pop(k, None)
-        out = lm.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False, **kwargs)
-        return CausalLMOutputWithPast(loss=chunked_lm_loss(out.last_hidden_state, lm.lm_head, labels, num_items_in_batch, chunk))
-    lm.forward = forward
-    return model
-
-# %% ../nbs/05_train.ipynb #75710b5e
-GiB = 2**30
-
-@dataclass
-class MemoryModel:
-    "Peak GPU memory of a row: `fixed + tokens x (row + n x kept_in + (layers - n) x kept_all)` with n layers recomputed."
-    budget: float  # bytes the run may fill (a margin for the CUDA context and fragmentation already taken off)
-    fixed: float  # bytes that do not grow with the row: weights, adapters, gradients, optimizer states, a loss chunk
-    row: float  # bytes per token outside the layers (a layer being recomputed, gradients in flight)
-    kept_all: float  # bytes per token a layer keeps for its backward pass
-    kept_in: float  # bytes per token a recomputed (checkpointed) layer keeps: its input
-    layers: int
-
-    def peak(self, tokens: int, recomputed: int) -> float:
-        return self.fixed + tokens * (self.row + recomputed * self.kept_in + (self.layers - recomputed) * self.kept_all)
-
-    def layers_for(self, tokens: int) -> int | None:
-        "The fewest layers to recompute for a row of `tokens` to fit the budget; None if even all of them do not."
-        room = (self.budget - self.peak(tokens, self.layers)) / max(tokens * (self.kept_all - self.kept_in), 1)
-        return None if room < 0 else max(0, self.layers - math.floor(room))
-
-def usable_bytes(budget_gib: float) -> float:
-    "What of a memory budget the allocator may fill: 90% of it, less 0.5 GiB for the CUDA context."
-    return 0.9 * budget_gib * GiB - 0.5 * GiB
-
-def memory_model(model, config, budget_gib: float, chunk: int | None = CE_CHUNK) -> MemoryModel:
-    "The `MemoryModel` of `model` (adapters added, on its GPU) for `budget_gib`, from its shapes and what it holds now."
-    c = _causal_lm(model).config.get_text_config()
-    d, ff, L, V = c.hidden_size, c.intermediate_size, c.num_hidden_layers, c.vocab_size
-    dev = input_device(model)
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    held = (torch.cuda.memory_allocated(dev) if dev.type == 'cuda' else
-            sum(p.numel() * p.element_size() for p in model.parameters()))
-    fixed = held + 12 * trainable + (chunk or 0) * V * 10  # float32 gradients and two Adam states; a chunk of logits
-    kept_all = 2 * (11 * d + 4.2 * ff)
-    if config.lora_config.lora_dropout > 0:  # each adapted layer keeps its dropped-out input (and the mask)
-        layer = decoder_layers(model)[0]
-        kept_all += 3 * sum(m.in_features for m in layer.modules() if hasattr(m, 'lora_A') and len(m.lora_A))
-    row = 1.6 * kept_all + (0 if chunk else V * 10)  # without chunks: every token's logits, their float32 copy, gradient
-    return MemoryModel(usable_bytes(budget_gib), fixed, row, kept_all, 2 * d, L)
-
-# %% ../nbs/05_train.ipynb #e7448674
-def decoder_layers(model) -> list:
-    "The decoder layers of `model` (wrapped by PEFT or not)."
-    return list(_causal_lm(model).model.layers)
-
-def checkpoint_layers(model, n: int) -> int:
-    "Recompute the first `n` decoder layers in the backward pass and keep the others' activations; return `n`."
-    layers = decoder_layers(model)
-    if n and not all(hasattr(l, '_gradient_checkpointing_func') for l in layers):
-        raise ValueError('checkpoint_layers: checkpointing is not set up on this model (add_lora(..., checkpointing=True))')
-    for i, layer in enumerate(layers): layer.gradient_checkpointing = i < n
-    return n
-
-# %% ../nbs/05_train.ipynb #e155725d
-def compile_layers(model) -> int:
-    "`torch.compile` every decoder layer of `model` in place; return how many."
-    import torch._dynamo
-    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
-    layers = decoder_layers(model)
-    for layer in layers: layer.compile()
-    return len(layers)
-
-def uncompile_layers(model):
-    "Undo `compile_layers`."
-    for layer in decoder_layers(model): layer._compiled_call_impl = None
-
-# %% ../nbs/05_train.ipynb #d3318160
-def liger_problem(model) -> str | None:
-    "Why Liger's kernels cannot be used on `model` here, or None."
-    lm = _causal_lm(model)
-    if input_device(model).type != 'cuda': return 'Liger kernels run on a CUDA GPU only'
-    if getattr(lm.config, 'model_type', None) != 'qwen2': return f'Liger is wired here for qwen2 models, not {lm.config.model_type}'
-    try: import liger_kernel.transformers  # noqa: F401
-    except Exception as e: return f'liger-kernel is not usable ({type(e).__name__}: {str(e)[:120]})'
-    return None
-
-def apply_liger(model):
-    "Liger's RMSNorm, RoPE, SwiGLU (and fused loss, unless `lm_head` has an adapter) on `model`; return their undo."
-    from liger_kernel.transformers import apply_liger_kernel_to_qwen2
-    from transformers.models.qwen2 import modeling_qwen2
-    lm, saved = _causal_lm(model), dict(vars(modeling_qwen2))
-    flce = not hasattr(lm.lm_head, 'lora_A') and 'forward' not in vars(lm)
-    apply_liger_kernel_to_qwen2(rope=True, rms_norm=True, swiglu=True, cross_entropy=False,
-                                fused_linear_cross_entropy=flce, model=lm)
-    patched = [m for m in lm.modules() if 'forward' in vars(m) and m is not lm]
-
-    def undo():
-        for k, v in saved.items():
-            if getattr(modeling_qwen2, k, None) is not v: setattr(modeling_qwen2, k, v)
-        for m in patched:
-            for k in ('forward', '_get_name'): vars(m).pop(k, None)
-        if flce: vars(lm).pop('forward', None)
-    return undo
-
-# %% ../nbs/05_train.ipynb #8332c66f
-ROW_SIZES = (16384, 12288, 8192, 6144, 4096, 3072, 2048, 1536, 1024, 768, 512, 384, 256, 128)  # longest first
-
-@dataclass
-class SpeedPlan:
-    "How `train` runs here: `config.training` resolved; `notes` say what was chosen and why."
-    style: str = 'seed'
-    packing: bool = False
-    tokens_per_row: int | None = None  # most tokens in one packed row
-    attention: str | None = None  # the attn_implementation the model gets; None: as loaded
-    compile: bool = False
-    checkpointing: str | int = 'trainer'  # 'trainer' (training_args), 'auto' (per row, from `memory`), or layers recomputed
-    lean_prep: bool = False
-    chunked_loss: bool = False
-    liger: bool = False
-    memory_budget_gib: float | None = None
-    notes: list = field(default_factory=list)
-    memory: MemoryModel | None = field(default=None, repr=False)
-    undo: list = field(default_factory=list, repr=False)  # undo global patches (Liger's) when training ends
-
-    def to_dict(self) -> dict:
-        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in ('memory', 'undo')}
-
-    def layers_for(self, tokens: int) -> int | None:
-        "Decoder layers to recompute for a row of `tokens`; None: as the Trainer's settings say."
-        if self.checkpointing == 'trainer': return None
-        if self.checkpointing != 'auto': return self.checkpointing
-        n = self.memory.layers_for(tokens)
-        return self.memory.layers if n is None else n
-
-    def summary(self) -> str:
-        if self.style == 'seed': return 'seed style: one example per row, float32 k-bit prep, training_args as given'
-        ck = {'auto': 'per row', 0: 'none'}.get(self.checkpointing, f'{self.checkpointing} layers')
-        return (f"packing {f'rows of <= {self.tokens_per_row:,} tokens' if self.packing else 'off'}; attention "
-                f"{self.attention}; compile {'on' if self.compile else 'off'}; checkpointing {ck}; "
-                f"{'lean' if self.lean_prep else 'float32'} k-bit prep; loss {'chunked' if self.chunked_loss else 'full'}"
-                f"{'; Liger' if self.liger else ''}" + (f'; budget {self.memory_budget_gib} GiB' if self.memory_budget_gib else ''))
-
-def _gc_arg(config) -> bool:
-    return bool(config.training_args.get('gradient_checkpointing') or config.training_args.get('activation_checkpointing'))
-
-def wants_checkpointing(config) -> bool:
-    "Whether `train` sets gradient checkpointing up (for all layers, or for some of them per row)."
-    t = config.training
-    if t.style == 'seed': return _gc_arg(config)
-    if t.checkpointing == 'auto': return (torch.cuda.is_available() and not is_fsdp()) or _gc_arg(config)
-    return t.checkpointing not in ('none', 0)
-
-def _budget_gib(config, device) -> float:
-    if config.training.memory_budget_gib is not None: return config.training.memory_budget_gib
-    free, _ = torch.cuda.mem_get_info(device)
-    return (free + torch.cuda.memory_reserved(device)) / GiB  # what is free, plus what this process holds already
-
-def speed_plan(config, model, lengths: list[int], examples_per_step: int) -> SpeedPlan:
-    "`config.training` resolved for `model` (adapters added), these example `lengths` and `examples_per_step`."
-    t = config.training
-    if t.style == 'seed': return SpeedPlan()
-    dev, fsdp = input_device(model), is_fsdp()
-    cuda = dev.type == 'cuda'
-    p = SpeedPlan('fast', packing=t.packing, lean_prep=t.lean_prep, chunked_loss=t.chunked_loss)
-    p.attention, why = attention_kernel(t.attention, dev)
-    if why: p.notes.append(why)
-    p.compile = cuda if t.compile == 'auto' else t.compile
-    if p.compile and fsdp: p.compile = False; p.notes.append('training.compile: off under FSDP (untested there)')
-    p.liger = (cuda and not p.compile and not fsdp) if t.liger == 'auto' else t.liger
-    if p.liger and (why := liger_problem(model)):
-        if t.liger is True: p.notes.append(f'training.liger: {why}; not used')
-        p.liger = False
-    L, longest = len(decoder_layers(model)), max(lengths, default=config.data.max_length)
-    ck = t.checkpointing
-    if ck == 'auto': ck = 'auto' if cuda and not fsdp else 'all' if _gc_arg(config) else 'none'
-    elif (ck in ('none', 0)) == _gc_arg(config) and {'gradient_checkpointing', 'activation_checkpointing'} & set(config.training_args):
-        p.notes.append(f'training.checkpointing: {ck} (in the fast style it decides; training_args.gradient_checkpointing '
-                       'is what style: seed uses)')
-    p.checkpointing = L if ck == 'all' else 0 if ck == 'none' else ck if ck == 'auto' else min(ck, L)
-    if cuda:
-        p.memory_budget_gib = round(_budget_gib(config, dev), 2)
-        p.memory = memory_model(model, config, p.memory_budget_gib, CE_CHUNK if p.chunked_loss else None)
-    if p.packing:
-        step = sum(sorted(lengths, reverse=True)[:examples_per_step]) or longest  # the most tokens a step can hold
-        n = L if p.checkpointing == 'auto' else p.checkpointing
-        fits = lambda T: p.memory is None or p.memory.peak(T, n) <= p.memory.budget
-        # sdpa (and eager) keep packed examples apart with a mask over the whole row: attention grows with its square
-        cap = max(_round_up(longest, 64), (4096 if cuda else 1024) if p.attention in ('sdpa', 'eager') else ROW_SIZES[0])
-        sizes = sorted({*ROW_SIZES, _round_up(longest, 64)}, reverse=True)
-        T = t.tokens_per_row or next((T for T in sizes if longest <= T <= cap and fits(T)), None)
-        if T is None:
-            T = longest
-            p.notes.append(f'memory: a row of {longest:,} tokens (the longest example) needs about '
-                           f'{p.memory.peak(longest, n) / GiB:.1f} GiB with {n} of {L} layers recomputed, more than the '
-                           f'{p.memory_budget_gib} GiB budget allows; training may run out of memory')
-        p.tokens_per_row = T if t.tokens_per_row else max(longest, min(T, _round_up(step, 64)))
-    if p.checkpointing == 'auto':
-        full = p.tokens_per_row or longest
-        p.notes.append(f'checkpointing: per row within {p.memory_budget_gib} GiB; a row of {full:,} tokens recomputes '
-                       f'{p.layers_for(full)} of {L} layers')
-    return p
-
-# %% ../nbs/05_train.ipynb #ead98f69
-def _probe(model, plan: SpeedPlan, dtype):
-    "One forward and backward pass on a small packed batch, so that a kernel that fails fails before training."
-    batch = PackCollator(0)([{'input_ids': list(range(10, 10 + n)), 'labels': list(range(10, 10 + n))} for n in (96, 160)])
-    dev = input_device(model)
-    inputs = {k: v.to(dev) for k, v in batch.items() if torch.is_tensor(v)}
-    if model.config._attn_implementation == VARLEN: inputs.update(varlen_kwargs(batch[ROWS], 256, dev))
-    was = model.training
-    model.train()
-    if (n := plan.layers_for(256)) is not None: checkpoint_layers(model, n)
-    try:
-        with torch.random.fork_rng(devices=[dev] if dev.type == 'cuda' else []), \
-             torch.autocast(dev.type, dtype=dtype, enabled=dev.type == 'cuda' and dtype != torch.float32):
-            model(**inputs).loss.backward()
-    finally:
-        for p in model.parameters(): p.grad = None
-        model.train(was)
-
-def apply_speed(model, plan: SpeedPlan, dtype=None):
-    "Set `model` up as `plan` says; a kernel that fails the probe pass is turned off, with a note in `plan.notes`."
-    if plan.style == 'seed': return model
-    use_packing(model)
-    base = _causal_lm(model)
-    if plan.attention and base.config._attn_implementation != plan.attention: base.set_attn_implementation(plan.attention)
-    if plan.liger: plan.undo.append(apply_liger(model))
-    if plan.chunked_loss: use_chunked_loss(model)
-    if (n := plan.layers_for(plan.tokens_per_row or 0)) is not None: checkpoint_layers(model, n)
-    if plan.compile: compile_layers(model)
-    if not (plan.compile or plan.liger or plan.attention not in (None, 'sdpa', 'eager')): return model
-    while True:
-        try: _probe(model, plan, dtype or model_compute_dtype(model)); return model
-        except Exception as e:
-            why = f'{type(e).__name__}: {str(e).strip().splitlines()[0][:200] if str(e).strip() else ""}'
-            if plan.compile:
-                uncompile_layers(model); plan.compile = False
-                plan.notes.append(f'training.compile: off, the probe pass failed ({why})')
-            elif plan.liger:
-                plan.undo.pop()(); plan.liger = False
-                plan.notes.append(f'training.liger: off, the probe pass failed ({why})')
-                if plan.chunked_loss: use_chunked_loss(model)
-            elif plan.attention not in (None, 'sdpa'):
-                plan.notes.append(f'training.attention: sdpa, {plan.attention} failed the probe pass ({why})')
-                plan.attention = 'sdpa'; base.set_attn_implementation('sdpa')
-            else: raise
-
-# %% ../nbs/05_train.ipynb #d2c72c2b
-_OOM = getattr(torch, 'OutOfMemoryError', torch.cuda.OutOfMemoryError)
-
-def _is_oom(e: BaseException) -> bool:
-    return isinstance(e, _OOM) or (isinstance(e, RuntimeError) and 'out of memory' in str(e).lower())
-
-def oom_advice(args: TrainingArguments, max_length: int, plan=None) -> str:
-    "What to change after a CUDA out-of-memory error, naming the sizes in play (`args` as the config sets them)."
-    bs, ga, gc_on = args.per_device_train_batch_size, args.gradient_accumulation_steps, bool(args.gradient_checkpointing)
-    fast = plan is not None and plan.style == 'fast'
-    gpu = 'no CUDA device'
-    if torch.cuda.is_available():
-        i, g = torch.cuda.current_device(), 2**30
-        gpu = (f'{torch.cuda.get_device_name(i)}: {torch.cuda.memory_allocated(i)/g:.1f} GiB allocated (peak {torch.cuda.max_memory_allocated(i)/g:.1f}) '
-               f'of {torch.cuda.get_device_properties(i).total_memory/g:.1f} GiB')
-    tips = []
-    if fast:  # a step's examples are packed into rows: the row length and the recomputed layers decide the memory
-        if plan.packing and plan.tokens_per_row and plan.tokens_per_row > max_length:
-            tips.append(f'training.tokens_per_row={max(max_length, plan.tokens_per_row // 2)} (shorter rows, the same steps)')
-        if plan.checkpointing == 'auto' and plan.memory_budget_gib:
-            tips.append(f'training.memory_budget_gib={plan.memory_budget_gib * 0.8:.0f} (what else holds GPU memory is not '
-                        'in the plan: plan for less; more layers are recomputed)')
-        elif plan.checkpointing != 'auto': tips.append('training.checkpointing=all (recompute every layer in the backward pass)')
-    else:
-        if bs > 1: tips.append(f'training_args.per_device_train_batch_size={max(1, bs // 2)} training_args.gradient_accumulation_steps={ga * bs // max(1, bs // 2)} '
-                               '(same effective batch, half the activations)')
-        if not gc_on: tips.append('training_args.gradient_checkpointing=true (recompute activations in the backward pass: ~30% slower, much less memory)')
-    tips.append(f'data.max_length={max(64, max_length // 2)} (activations grow with the sequence length; longer examples are cut or dropped as data.truncation says)')
-    tips.append('a smaller lora_config.r or fewer lora_config.target_modules')
-    return ('CUDA ran out of memory during training.\n'
-            f'  per_device_train_batch_size: {bs}, gradient_accumulation_steps: {ga} (effective batch {bs * ga}), '
-            f'data.max_length: {max_length}, ' + (f'{plan.summary()}' if fast else f'gradient_checkpointing: {str(gc_on).lower()}') +
-            f'\n  GPU: {gpu}\n'
-            'Try, in this order (as overrides: qlora_nb_train config.yaml key=value ...):\n' + '\n'.join(f'  - {t}' for t in tips))
 
 # %% ../nbs/05_train.ipynb #27ebe425
 def diverged(output_dir, step: int, what: str) -> str:
