@@ -14,8 +14,8 @@ from .chatml import examples
 from .model import free_memory, input_device, keep_cpu_layout, load_model, load_tokenizer
 from .infer import check_adapter
 from .speed import model_compute_dtype
-from .train import (METRICS, STAGING, TRASH, TrainError, TrainInterrupted, find_last_checkpoint, output_lock, publish_dir,
-                            read_metrics, record_outputs, run_manifest, summarize_metrics)
+from .outputs import STAGING, TRASH, _pid_alive, find_last_checkpoint, output_lock, publish_dir, record_outputs
+from .train import METRICS, TrainError, TrainInterrupted, read_metrics, run_manifest, summarize_metrics
 
 # %% auto #0
 __all__ = ['U32', 'ExportError', 'MergeCheckError', 'dequantize_model', 'load_merge_base', 'adapter_problems', 'rounding_bound',
@@ -271,13 +271,6 @@ def check_merge(config: Config, merged, adapter_dir, examples: list[dict]) -> di
     return figs
 
 # %% ../nbs/06_export.ipynb #1d3c70b2
-def _pid_alive(pid: int) -> bool:
-    if os.name != 'posix': return True  # no safe probe (os.kill would end it on Windows): never treat it as gone
-    try: os.kill(pid, 0)
-    except ProcessLookupError: return False
-    except OSError: return True  # e.g. another user's process
-    return True
-
 def stale_staging(out_dir) -> list[Path]:
     "Leftovers of this tool's interrupted exports next to `out_dir` whose process is gone: its staging and trash folders for `out_dir`."
     out_dir, n = Path(out_dir), re.escape(Path(out_dir).name)

@@ -17,8 +17,8 @@ _log = logging.getLogger(__name__)
 # %% auto #0
 __all__ = ['QWEN2_SPLIT', 'SPECIAL_TOKENS', 'QWEN25_DEFAULT_SYSTEM', 'CHATML_TEMPLATE', 'PRETRAIN_FIELDS', 'corpus_texts',
            'build_tiny_tokenizer', 'tiny_qwen_config', 'init_weights', 'pretrain_texts', 'pack_texts', 'torch_threads',
-           'pretrain_tiny', 'build_tiny_model', 'logged_values', 'adapter_diff', 'lora_grads', 'train_polite',
-           'untrained_adapter']
+           'pretrain_tiny', 'build_tiny_model', 'logged_values', 'adapter_diff', 'fake_checkpoint', 'lora_grads',
+           'train_polite', 'untrained_adapter']
 
 # %% ../nbs/90_tiny.ipynb #c72c5066
 QWEN2_SPLIT = r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""  # Qwen2's pre-tokenizer split
@@ -214,6 +214,17 @@ def adapter_diff(dir_a, dir_b) -> float:
     a, b = (load_file(Path(d)/'adapter_model.safetensors') for d in (dir_a, dir_b))
     if a.keys() != b.keys(): raise ValueError(f'the adapters hold different tensors: {sorted(a.keys() ^ b.keys())[:3]}')
     return max((a[k].float() - b[k].float()).abs().max().item() for k in a)
+
+def fake_checkpoint(output_dir, step: int, drop=()) -> Path:
+    "A `checkpoint-{step}` folder with the files a real one has (minus those in `drop`), recorded as written by qlora_nb."
+    from qlora_nb.outputs import record_outputs
+    p = Path(output_dir)/f'checkpoint-{step}'; p.mkdir(parents=True, exist_ok=True)
+    files = {'adapter_model.safetensors': 'w', 'adapter_config.json': '{}', 'optimizer.pt': 'o', 'scheduler.pt': 's', 'rng_state.pth': 'r',
+             'trainer_state.json': json.dumps({'global_step': step})}
+    for n, t in files.items():
+        if n not in drop: (p/n).write_text(t)
+    record_outputs(output_dir, p.name)
+    return p
 
 def lora_grads(model) -> dict:
     "A copy of the gradient of every trainable tensor of `model`, by name."

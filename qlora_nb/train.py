@@ -4,7 +4,7 @@
 
 # %% ../nbs/05_train.ipynb #27898a28
 from __future__ import annotations
-import contextlib, dataclasses, hashlib, json, logging, math, os, platform, re, shutil, socket, subprocess, sys, time
+import contextlib, dataclasses, hashlib, json, logging, math, os, platform, re, shutil, subprocess, sys, time
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
@@ -13,7 +13,7 @@ import transformers
 from transformers import Trainer, TrainerCallback, TrainerState, TrainingArguments
 from transformers.trainer_callback import ProgressCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
-from .config import Config, ConfigError, QloraError, EXIT_LOCKED, EXIT_TRAIN, EXIT_INTERRUPTED, check_training_args, option
+from .config import Config, QloraError, EXIT_TRAIN, EXIT_INTERRUPTED, check_training_args, option
 from .chatml import PadCollator, examples
 from .data import DataError, dataset_sha256, resolve_sources
 from .model import compute_dtype, free_memory, load_tokenizer, load_model
@@ -22,23 +22,19 @@ from .distributed import (check_distributed, check_launch, check_resume_launch, 
                                   save_adapter)
 from .packing import PackCollator, PackedTrainerMixin, example_lengths
 from .speed import SpeedPlan, _is_oom, apply_speed, checkpoint_layers, oom_advice, speed_plan, wants_checkpointing
-
-try: import fcntl
-except ImportError: fcntl = None  # Windows: an O_EXCL lock file instead of flock (see output_lock)
+from .outputs import (LOCK, OUTPUT_MANIFEST, RUN_INFO, STAGING, TRASH, _is_main, _natural, checkpoint_problems, checkpoint_step,
+                              clean_leftovers, discard_dir, find_last_checkpoint, forget_outputs, list_checkpoints, output_lock,
+                              owned_outputs, publish_dir, record_outputs, rotate_checkpoints, sha256_file, write_checksums)
 
 _log = logging.getLogger(__name__)
 
 # %% auto #0
-__all__ = ['LOCK', 'OUTPUT_MANIFEST', 'STAGING', 'TRASH', 'CHECKSUMS', 'RUN_INFO', 'OUTPUTS', 'TRAIN_OUTPUTS', 'FINGERPRINT_ARGS',
-           'STOP_ARGS', 'SHAPE_KEYS', 'KEPT_FROM_CHECKPOINT', 'METRICS', 'LIBRARIES', 'DROP_WARN', 'TrainError',
-           'TrainInterrupted', 'OutputLocked', 'writable_dir', 'describe_holder', 'output_lock', 'record_outputs',
-           'forget_outputs', 'owned_outputs', 'checkpoint_step', 'sha256_file', 'write_checksums',
-           'checkpoint_problems', 'list_checkpoints', 'find_last_checkpoint', 'discard_dir', 'publish_dir',
-           'rotate_checkpoints', 'clean_leftovers', 'QLoRATrainer', 'resolve_resume', 'base_model_info',
-           'run_fingerprint', 'fingerprint_changes', 'check_resume', 'training_arguments', 'read_metrics',
-           'MetricsLogger', 'plot_loss_curve', 'diverged', 'NonFiniteGuard', 'nonfinite_tensors', 'align_config_tokens',
-           'QuietEvalProgress', 'setup_training', 'library_versions', 'source_commit', 'report_dict', 'run_manifest',
-           'summarize_metrics', 'TrainResult', 'report_examples', 'train']
+__all__ = ['OUTPUTS', 'TRAIN_OUTPUTS', 'FINGERPRINT_ARGS', 'STOP_ARGS', 'SHAPE_KEYS', 'KEPT_FROM_CHECKPOINT', 'METRICS',
+           'LIBRARIES', 'DROP_WARN', 'TrainError', 'TrainInterrupted', 'QLoRATrainer', 'resolve_resume',
+           'base_model_info', 'run_fingerprint', 'fingerprint_changes', 'check_resume', 'training_arguments',
+           'read_metrics', 'MetricsLogger', 'plot_loss_curve', 'diverged', 'NonFiniteGuard', 'nonfinite_tensors',
+           'align_config_tokens', 'QuietEvalProgress', 'setup_training', 'library_versions', 'source_commit',
+           'report_dict', 'run_manifest', 'summarize_metrics', 'TrainResult', 'report_examples', 'train']
 
 # %% ../nbs/05_train.ipynb #4d658fbe
 class TrainError(QloraError, RuntimeError):
@@ -48,290 +44,6 @@ class TrainError(QloraError, RuntimeError):
 class TrainInterrupted(TrainError):
     "Training stopped by Ctrl-C; the message names the checkpoint that rerunning the same command resumes from."
     exit_code = EXIT_INTERRUPTED
-
-class OutputLocked(QloraError, RuntimeError):
-    "Another process is writing to the output folder (train, merge or eval); the message names it. Nothing was changed."
-    exit_code = EXIT_LOCKED
-
-# %% ../nbs/05_train.ipynb #194eb275
-LOCK = '.qlora_nb.lock'  # in output_dir while a qlora_nb command writes there
-_held: dict[str, list] = {}  # lock file -> [fd, depth] for the locks this process holds
-
-def _is_main() -> bool: return int(os.environ.get('RANK', '0')) == 0  # under accelerate/torchrun only rank 0 touches files
-
-def writable_dir(output_dir) -> Path:
-    "`output_dir`, created if missing; a `ConfigError` if it is a file or cannot be written."
-    out = Path(output_dir)
-    if out.exists() and not out.is_dir(): raise ConfigError(f'output_dir: {out} is a file; give a folder (it is created if missing)')
-    try: out.mkdir(parents=True, exist_ok=True)
-    except OSError as e: raise ConfigError(f'output_dir: cannot create {out} ({e.strerror}); choose a folder you can write to') from None
-    if not os.access(out, os.W_OK | os.X_OK):
-        raise ConfigError(f'output_dir: {out} is not writable (read-only file system or no permission); choose a folder you can write to')
-    return out
-
-def _holder(path) -> dict:
-    "What the lock file `path` says about its holder ({} if nothing readable)."
-    try: h = json.loads(Path(path).read_text(encoding='utf-8'))
-    except (OSError, ValueError): return {}
-    return h if isinstance(h, dict) else {}
-
-def describe_holder(h: dict) -> str:
-    "One line about the holder of a lock."
-    return (f"pid {h.get('pid', '?')} on {h.get('host', '?')} ({h.get('what', '?')}: {h.get('command', '?')}; "
-            f"started {h.get('started', '?')})")
-
-def _pid_alive(pid) -> bool:
-    if os.name == 'nt': return True  # os.kill(pid, 0) would send Ctrl-C there: never guess that a holder has ended
-    try: os.kill(int(pid), 0)
-    except ProcessLookupError: return False
-    except (OSError, ValueError, TypeError, OverflowError): return True  # another user's process, or no pid: assume it runs
-    return True
-
-def _refusal(out: Path, h: dict) -> str:
-    return (f'{out} is in use: another qlora_nb command is writing there ({describe_holder(h)}). Wait for it to end or stop it, '
-            f'or use another output_dir. Nothing was changed.')
-
-def _write_holder(fd: int, info: dict):
-    os.ftruncate(fd, 0); os.lseek(fd, 0, os.SEEK_SET)
-    os.write(fd, json.dumps(info).encode()); os.fsync(fd)
-
-def _acquire(path: Path, info: dict) -> tuple[int, dict | None]:
-    "Lock file `path` for this process: (fd, the holder a stale lock file named, or None). Raises `OutputLocked`."
-    stale = None
-    if fcntl is not None:
-        while True:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-            try: fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError: os.close(fd); raise OutputLocked(_refusal(path.parent, _holder(path))) from None
-            except OSError: os.close(fd); break  # no flock on this file system: use the O_EXCL file below
-            try: same = os.fstat(fd).st_ino == os.stat(path).st_ino
-            except FileNotFoundError: same = False
-            if same:  # (a holder that releases removes the file first; then we locked a file no one else will open)
-                if (h := _holder(path)): stale = h  # the file of a holder that did not release: it ended without cleaning up
-                _write_holder(fd, info); return fd, stale
-            os.close(fd)
-    for _ in range(3):
-        try: fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
-        except FileExistsError:
-            h = _holder(path)
-            if h.get('host') == socket.gethostname() and not _pid_alive(h.get('pid')) or not h:
-                stale = h or stale; path.unlink(missing_ok=True); continue
-            raise OutputLocked(_refusal(path.parent, h) + f' (If no such process runs any more, delete {path}.)') from None
-        _write_holder(fd, info); return fd, stale
-    raise OutputLocked(f'{path}: could not take the lock (it keeps reappearing); is another qlora_nb command starting here?')
-
-@contextlib.contextmanager
-def output_lock(output_dir, what: str):
-    "Hold the exclusive lock of `output_dir` (created if missing) inside the block; `what` says what for ('train', 'merge', 'eval')."
-    out = writable_dir(output_dir)
-    path = out/LOCK
-    key = str(path.resolve())
-    if not _is_main() or key in _held:  # other ranks rely on rank 0's lock; a holder may take its own lock again
-        if key in _held: _held[key][1] += 1
-        try: yield path
-        finally:
-            if key in _held: _held[key][1] -= 1
-        return
-    info = {'pid': os.getpid(), 'host': socket.gethostname(), 'what': what, 'command': ' '.join(sys.argv) or sys.executable,
-            'started': time.strftime('%Y-%m-%dT%H:%M:%S%z')}
-    fd, stale = _acquire(path, info)
-    if stale: print(f'{out}: took over the stale lock of {describe_holder(stale)}: that process has ended', file=sys.stderr)
-    _held[key] = [fd, 1]
-    try: yield path
-    finally:
-        _held[key][1] -= 1
-        if _held[key][1] == 0:
-            del _held[key]
-            with contextlib.suppress(OSError): path.unlink()  # remove the file while still holding the lock, then let go
-            os.close(fd)
-
-# %% ../nbs/05_train.ipynb #fd5a0e5e
-OUTPUT_MANIFEST = '.qlora_nb.json'  # in output_dir: the top-level names qlora_nb wrote there
-
-def _natural(name: str) -> list:
-    return [int(t) if t.isdigit() else t for t in re.split(r'(\d+)', name)]
-
-def _read_manifest(out: Path) -> dict:
-    p = out/OUTPUT_MANIFEST
-    try: m = json.loads(p.read_text(encoding='utf-8'))
-    except FileNotFoundError: return {}
-    except (OSError, ValueError) as e:
-        raise TrainError(f'{p}: unreadable ({e}); it lists what qlora_nb wrote in {out}. '
-                         'Restore it, or move the folder\'s contents away') from None
-    return m.get('outputs', {}) if isinstance(m, dict) and isinstance(m.get('outputs'), dict) else {}
-
-def _write_manifest(out: Path, outputs: dict):
-    if not outputs: (out/OUTPUT_MANIFEST).unlink(missing_ok=True); return
-    tmp = out/f'{OUTPUT_MANIFEST}.tmp'
-    tmp.write_text(json.dumps({'written_by': 'qlora_nb', 'outputs': outputs}, indent=1), encoding='utf-8')
-    os.replace(tmp, out/OUTPUT_MANIFEST)
-
-def _entry_name(n) -> str:
-    n = str(n)
-    if not n or n in ('.', '..') or '/' in n or os.sep in n or n.startswith('.qlora_nb'):
-        raise ValueError(f'record_outputs: {n!r} is not the name of an entry directly in output_dir')
-    return n
-
-def record_outputs(output_dir, *names):
-    "Record in `output_dir/.qlora_nb.json` that qlora_nb writes the top-level entries `names` (call it before writing them)."
-    out = Path(output_dir)
-    outs = _read_manifest(out)
-    new = [_entry_name(n) for n in names if str(n) not in outs]
-    if new: _write_manifest(out, {**outs, **{n: time.strftime('%Y-%m-%dT%H:%M:%S%z') for n in new}})
-
-def forget_outputs(output_dir, *names):
-    "Drop `names` from `output_dir/.qlora_nb.json` (after their entries were removed)."
-    out = Path(output_dir)
-    outs = _read_manifest(out)
-    if any(str(n) in outs for n in names): _write_manifest(out, {k: v for k, v in outs.items() if k not in {str(n) for n in names}})
-
-def _exists(p: Path) -> bool: return p.exists() or p.is_symlink()
-
-def owned_outputs(output_dir) -> list[str]:
-    "The entries of `output_dir` that qlora_nb recorded writing and that exist now, in natural order (checkpoint-8 before checkpoint-10)."
-    out = Path(output_dir)
-    return sorted((n for n in _read_manifest(out) if _exists(out/n)), key=_natural)
-
-# %% ../nbs/05_train.ipynb #553cd888
-STAGING = '.qlora_nb-staging'  # prefix of the folders where checkpoints and outputs are written before they get their real name
-TRASH = '.qlora_nb-trash'  # prefix of the names entries get just before they are deleted
-CHECKSUMS = 'qlora_nb_checksums.json'  # in each checkpoint-N: size and sha256 of its files, written before it is published
-RUN_INFO = 'qlora_nb_run.json'  # in each checkpoint-N: the settings and data it was trained with (see run_fingerprint)
-_CKPT_RE = re.compile(rf'{PREFIX_CHECKPOINT_DIR}-(\d+)')
-
-def checkpoint_step(path) -> int | None:
-    "The step N of a `checkpoint-N` folder name, else None."
-    m = _CKPT_RE.fullmatch(Path(path).name)
-    return int(m[1]) if m else None
-
-def sha256_file(path) -> str:
-    "The sha256 hex digest of a file's bytes."
-    h = hashlib.sha256()
-    with open(path, 'rb') as f:
-        for block in iter(lambda: f.read(1 << 20), b''): h.update(block)
-    return h.hexdigest()
-
-def write_checksums(folder) -> dict:
-    "Record the size and sha256 of every file under `folder` in `folder/qlora_nb_checksums.json`; return them."
-    p = Path(folder)
-    files = {f.relative_to(p).as_posix(): {'size': f.stat().st_size, 'sha256': sha256_file(f)}
-             for f in sorted(p.rglob('*')) if f.is_file() and f.name != CHECKSUMS}
-    (p/CHECKSUMS).write_text(json.dumps(files, indent=1))
-    return files
-
-def _checksum_problems(p: Path) -> list[str]:
-    try: files = json.loads((p/CHECKSUMS).read_text())
-    except FileNotFoundError: return []  # written by another tool or an older qlora_nb: only the structure can be checked
-    except (OSError, ValueError) as e: return [f'{p}: unreadable {CHECKSUMS} ({e})']
-    probs = []
-    for rel, want in files.items():
-        f = p/rel
-        if not f.is_file(): probs.append(f'{p}: {rel} is missing (it was saved with the checkpoint)')
-        elif (size := f.stat().st_size) != want['size']: probs.append(f'{p}: {rel} has {size} bytes, {want["size"]} when saved (cut short?)')
-        elif sha256_file(f) != want['sha256']:
-            probs.append(f'{p}: {rel} differs from the file saved (sha256 mismatch: damaged on disk or changed since)')
-    return probs
-
-_NEEDED = {'adapter weights (adapter_model.safetensors)': ('adapter_model.safetensors', 'adapter_model.bin', 'model.safetensors', 'model.safetensors.index.json', 'pytorch_model.bin'),
-           'optimizer state (optimizer.pt)': ('optimizer.pt', 'optimizer_0', 'optimizer.bin'),
-           'scheduler state (scheduler.pt)': ('scheduler.pt',),
-           'RNG state (rng_state.pth)': ('rng_state.pth', 'rng_state_*.pth'),
-           'trainer state (trainer_state.json)': ('trainer_state.json',)}
-
-def checkpoint_problems(path, verify: bool = True) -> list[str]:
-    "What a resume from checkpoint folder `path` would miss or find damaged (with `verify`, against its checksums); empty when it is sound."
-    p = Path(path)
-    if not p.is_dir(): return [f'{p}: no such checkpoint folder']
-    probs = []
-    for what, names in _NEEDED.items():
-        found = [f for n in names for f in p.glob(n)]
-        if not found: probs.append(f'{p}: missing the {what}')
-        elif any(f.is_file() and f.stat().st_size == 0 for f in found): probs.append(f'{p}: empty {found[0].name}')
-    if not probs:
-        try: step = json.loads((p/'trainer_state.json').read_text())['global_step']
-        except Exception as e: return [f'{p}: unreadable trainer_state.json ({e})']
-        if checkpoint_step(p) not in (None, step): probs.append(f'{p}: trainer_state.json says global_step {step}, the folder name says {checkpoint_step(p)}')
-    if not probs and verify: probs = _checksum_problems(p)
-    return probs
-
-# %% ../nbs/05_train.ipynb #f3983272
-def list_checkpoints(output_dir) -> list[Path]:
-    "The `checkpoint-N` folders of `output_dir`, oldest step first (complete or not)."
-    d = Path(output_dir)
-    if not d.is_dir(): return []
-    return sorted((p for p in d.iterdir() if p.is_dir() and checkpoint_step(p) is not None), key=checkpoint_step)
-
-def find_last_checkpoint(output_dir) -> Path | None:
-    "The newest complete and intact `checkpoint-N` folder in `output_dir`, or None; warns about each one skipped."
-    for p in reversed(list_checkpoints(output_dir)):
-        if not (probs := checkpoint_problems(p)): return p
-        print(f'warning: skipping {p}: ' + '; '.join(x.removeprefix(f'{p}: ') for x in probs), file=sys.stderr)
-    return None
-
-# %% ../nbs/05_train.ipynb #643d1a60
-def _fsync(path):
-    try: fd = os.open(path, os.O_RDONLY)
-    except OSError: return  # e.g. folders on Windows
-    try: os.fsync(fd)
-    except OSError: pass
-    finally: os.close(fd)
-
-def _umask() -> int:
-    try:
-        for line in Path('/proc/self/status').read_text().splitlines():
-            if line.startswith('Umask:'): return int(line.split()[1], 8)
-    except (OSError, ValueError, IndexError): pass
-    m = os.umask(0o022); os.umask(m)  # no /proc: read it by setting it (briefly)
-    return m
-
-def discard_dir(path):
-    "Delete `path` (a folder, a file or a link), renaming it to a hidden name first so nothing half-deleted keeps the real name."
-    p = Path(path)
-    if not (p.exists() or p.is_symlink()): return
-    trash = p.with_name(f'{TRASH}-{p.name}-{os.getpid()}-{time.time_ns()}')
-    os.replace(p, trash)
-    if trash.is_dir() and not trash.is_symlink(): shutil.rmtree(trash, ignore_errors=True)
-    else: trash.unlink(missing_ok=True)
-
-def publish_dir(src, dst) -> Path:
-    "Flush finished folder `src` to disk, make its files readable as the umask allows, and rename it to `dst` (replacing an old `dst`) in one step."
-    src, dst = Path(src), Path(dst)
-    mode = 0o666 & ~_umask()
-    for root, _, files in os.walk(src):
-        for f in files:
-            os.chmod(os.path.join(root, f), mode)
-            _fsync(os.path.join(root, f))
-        _fsync(root)
-    if dst.exists() or dst.is_symlink(): discard_dir(dst)
-    os.replace(src, dst)
-    _fsync(dst.parent)
-    return dst
-
-# %% ../nbs/05_train.ipynb #c975127b
-def rotate_checkpoints(output_dir, save_total_limit: int | None, keep=()) -> list[Path]:
-    "Delete the oldest `checkpoint-N` folders of `output_dir` beyond `save_total_limit`, never those in `keep`; return the deleted."
-    if not save_total_limit or save_total_limit <= 0: return []
-    cks, keep = list_checkpoints(output_dir), {Path(k).resolve() for k in keep if k}
-    extra, gone = len(cks) - max(save_total_limit, len(keep & {c.resolve() for c in cks})), []
-    for c in cks:
-        if len(gone) >= extra: break
-        if c.resolve() not in keep: discard_dir(c); gone.append(c)
-    forget_outputs(output_dir, *(c.name for c in gone))
-    return gone
-
-# %% ../nbs/05_train.ipynb #2cdff262
-_LEFTOVER = re.compile(rf'(?:{re.escape(STAGING)}|{re.escape(TRASH)})-.+'
-                       rf'|\.trash-(?:{PREFIX_CHECKPOINT_DIR}-\d+|lora_adapter|final_model|metrics\.jsonl|loss_curve\.png)-\d+-\d+')
-
-def clean_leftovers(output_dir) -> list[str]:
-    "Delete the staging and trash entries that interrupted qlora_nb commands left in `output_dir`; return their names."
-    out, mine, gone = Path(output_dir), f'{STAGING}-{os.getpid()}', []
-    for p in (sorted(out.iterdir()) if out.is_dir() else []):
-        if _LEFTOVER.fullmatch(p.name) and p.name != mine:
-            if p.is_dir() and not p.is_symlink(): shutil.rmtree(p, ignore_errors=True)
-            else: p.unlink(missing_ok=True)
-            gone.append(p.name)
-    return gone
 
 # %% ../nbs/05_train.ipynb #c263eae2
 class QLoRATrainer(PackedTrainerMixin, Trainer):
