@@ -1,8 +1,11 @@
+"""The tiny model trained as the polite fixture was (answer every shipped instruction with 好的。), in several styles and
+learning rates; prints the logged losses (results: polite_lr.md). From the repository root, with qlora_nb importable:
+    python3 bench/results/2026-12-01-h200-run4/polite_lr.py [VARIANT ...]"""
 import json, sys, time, torch
 from pathlib import Path
 from qlora_nb.config import load_config
 from qlora_nb.train import train
-root = Path(__file__).resolve().parents[1]
+root = Path(__file__).resolve().parents[3]  # the repository
 polite = Path('/tmp/polite.jsonl')
 from qlora_nb.data import load_records
 polite.write_text(''.join(json.dumps(dict(instruction=r['instruction'], output='好的。'), ensure_ascii=False) + '\n'
