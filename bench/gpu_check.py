@@ -225,10 +225,8 @@ def preflight(c: Check):
     c.run('preflight', 'pip check', [sys.executable, '-m', 'pip', 'check', '--disable-pip-version-check'], 120, parse=pipcheck)
     # the notebooks (09_cli, index) run the qlora_nb_* commands: they must be on PATH, installed from this tree
     names = re.findall(r'^\s*(?:console_scripts\s*=\s*)?(qlora_nb_\w+)=', (REPO/'settings.ini').read_text(), re.M)
-    probe = ('import shutil, sys; pre = sorted({"torch", "transformers"} & set(sys.modules)); '
-             f'missing = [n for n in {names!r} if not shutil.which(n)]; '
-             'print("missing from PATH:", " ".join(missing) if missing else "none;", "imported before any code runs:", pre or "none"); '
-             'sys.exit(1 if missing else 0)')
+    probe = (f'import shutil, sys; missing = [n for n in {names!r} if not shutil.which(n)]; '
+             'print("missing from PATH:", " ".join(missing) or "none"); sys.exit(1 if missing else 0)')
     def commands(rec, text):
         rec['notes'] = text.strip().splitlines()[-1] if text.strip() else ''
         if rec['rc']: rec['notes'] += ' (install the tree: pip install --no-deps --no-build-isolation --upgrade --target DIR .)'

@@ -11,14 +11,18 @@ from .config import Config, ConfigError
 from .model import check_model_source, compute_dtype, default_device, is_fsdp, quant_storage, saved_quantization
 
 # %% auto #0
-__all__ = ['FSDP_DEVICES', 'FSDP_MODEL', 'dist_env', 'distributed_args', 'fsdp_version', 'check_distributed', 'check_launch',
-           'check_shared_output', 'check_resume_launch', 'save_adapter']
+__all__ = ['FSDP_DEVICES', 'FSDP_MODEL', 'dist_env', 'is_main', 'distributed_args', 'fsdp_version', 'check_distributed',
+           'check_launch', 'check_shared_output', 'check_resume_launch', 'save_adapter']
 
 # %% ../nbs/11_distributed.ipynb #ccda5834
 def dist_env(env=None) -> dict:
     "This process's place in a torchrun/accelerate launch: world_size, rank, local_rank (world_size 1 when started alone)."
     env = os.environ if env is None else env
     return {k.lower(): int(env.get(k, d)) for k, d in (('WORLD_SIZE', 1), ('RANK', 0), ('LOCAL_RANK', 0))}
+
+def is_main(env=None) -> bool:
+    "Whether this is the main process (rank 0), the only one that writes files."
+    return dist_env(env)['rank'] == 0
 
 # %% ../nbs/11_distributed.ipynb #85f6cc64
 def distributed_args(training_args: dict, env=None, cuda: bool | None = None) -> dict:

@@ -14,7 +14,7 @@ from .chatml import examples
 from .model import free_memory, input_device, keep_cpu_layout, load_model, load_tokenizer
 from .infer import check_adapter
 from .speed import model_compute_dtype
-from .outputs import STAGING, TRASH, _pid_alive, find_last_checkpoint, output_lock, publish_dir, record_outputs
+from .outputs import STAGING, TRASH, pid_alive, find_last_checkpoint, output_lock, publish_dir, record_outputs
 from .train import METRICS, TrainError, TrainInterrupted, read_metrics, run_manifest, summarize_metrics
 
 # %% auto #0
@@ -278,7 +278,7 @@ def stale_staging(out_dir) -> list[Path]:
     found = []
     if out_dir.parent.is_dir():
         for p in sorted(out_dir.parent.iterdir()):
-            if (m := pat.fullmatch(p.name)) and p.is_dir() and not p.is_symlink() and not _pid_alive(int(m[1] or m[2])): found.append(p)
+            if (m := pat.fullmatch(p.name)) and p.is_dir() and not p.is_symlink() and not pid_alive(int(m[1] or m[2])): found.append(p)
     return found
 
 

@@ -8,15 +8,17 @@ import contextlib, hashlib, json, os, re, shutil, socket, sys, time
 from pathlib import Path
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from .config import ConfigError, QloraError, EXIT_LOCKED, EXIT_TRAIN
+from .distributed import is_main  # under accelerate/torchrun only rank 0 touches files
 
 try: import fcntl
 except ImportError: fcntl = None  # Windows: an O_EXCL lock file instead of flock (see output_lock)
 
 # %% auto #0
 __all__ = ['LOCK', 'OUTPUT_MANIFEST', 'STAGING', 'TRASH', 'CHECKSUMS', 'RUN_INFO', 'OutputLocked', 'OutputError', 'writable_dir',
-           'describe_holder', 'output_lock', 'record_outputs', 'forget_outputs', 'owned_outputs', 'checkpoint_step',
-           'sha256_file', 'write_checksums', 'checkpoint_problems', 'list_checkpoints', 'find_last_checkpoint',
-           'discard_dir', 'publish_dir', 'rotate_checkpoints', 'clean_leftovers']
+           'describe_holder', 'pid_alive', 'output_lock', 'natural_key', 'record_outputs', 'forget_outputs',
+           'owned_outputs', 'checkpoint_step', 'sha256_file', 'write_checksums', 'checkpoint_problems',
+           'list_checkpoints', 'find_last_checkpoint', 'discard_dir', 'publish_dir', 'rotate_checkpoints',
+           'clean_leftovers']
 
 # %% ../nbs/05b_outputs.ipynb #5b0f0008
 class OutputLocked(QloraError, RuntimeError):
@@ -30,8 +32,6 @@ class OutputError(QloraError, RuntimeError):
 # %% ../nbs/05b_outputs.ipynb #194eb275
 LOCK = '.qlora_nb.lock'  # in output_dir while a qlora_nb command writes there
 _held: dict[str, list] = {}  # lock file -> [fd, depth] for the locks this process holds
-
-def _is_main() -> bool: return int(os.environ.get('RANK', '0')) == 0  # under accelerate/torchrun only rank 0 touches files
 
 def writable_dir(output_dir) -> Path:
     "`output_dir`, created if missing; a `ConfigError` if it is a file or cannot be written."
@@ -54,7 +54,8 @@ def describe_holder(h: dict) -> str:
     return (f"pid {h.get('pid', '?')} on {h.get('host', '?')} ({h.get('what', '?')}: {h.get('command', '?')}; "
             f"started {h.get('started', '?')})")
 
-def _pid_alive(pid) -> bool:
+def pid_alive(pid) -> bool:
+    "Whether process `pid` of this machine still runs (True when that cannot be told safely)."
     if os.name == 'nt': return True  # os.kill(pid, 0) would send Ctrl-C there: never guess that a holder has ended
     try: os.kill(int(pid), 0)
     except ProcessLookupError: return False
@@ -88,7 +89,7 @@ def _acquire(path: Path, info: dict) -> tuple[int, dict | None]:
         try: fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
         except FileExistsError:
             h = _holder(path)
-            if h.get('host') == socket.gethostname() and not _pid_alive(h.get('pid')) or not h:
+            if h.get('host') == socket.gethostname() and not pid_alive(h.get('pid')) or not h:
                 stale = h or stale; path.unlink(missing_ok=True); continue
             raise OutputLocked(_refusal(path.parent, h) + f' (If no such process runs any more, delete {path}.)') from None
         _write_holder(fd, info); return fd, stale
@@ -100,7 +101,7 @@ def output_lock(output_dir, what: str):
     out = writable_dir(output_dir)
     path = out/LOCK
     key = str(path.resolve())
-    if not _is_main() or key in _held:  # other ranks rely on rank 0's lock; a holder may take its own lock again
+    if not is_main() or key in _held:  # other ranks rely on rank 0's lock; a holder may take its own lock again
         if key in _held: _held[key][1] += 1
         try: yield path
         finally:
@@ -122,7 +123,8 @@ def output_lock(output_dir, what: str):
 # %% ../nbs/05b_outputs.ipynb #fd5a0e5e
 OUTPUT_MANIFEST = '.qlora_nb.json'  # in output_dir: the top-level names qlora_nb wrote there
 
-def _natural(name: str) -> list:
+def natural_key(name: str) -> list:
+    "A sort key that orders the numbers inside names by value: checkpoint-8 before checkpoint-10."
     return [int(t) if t.isdigit() else t for t in re.split(r'(\d+)', name)]
 
 def _read_manifest(out: Path) -> dict:
@@ -164,7 +166,7 @@ def _exists(p: Path) -> bool: return p.exists() or p.is_symlink()
 def owned_outputs(output_dir) -> list[str]:
     "The entries of `output_dir` that qlora_nb recorded writing and that exist now, in natural order (checkpoint-8 before checkpoint-10)."
     out = Path(output_dir)
-    return sorted((n for n in _read_manifest(out) if _exists(out/n)), key=_natural)
+    return sorted((n for n in _read_manifest(out) if _exists(out/n)), key=natural_key)
 
 # %% ../nbs/05b_outputs.ipynb #553cd888
 STAGING = '.qlora_nb-staging'  # prefix of the folders where checkpoints and outputs are written before they get their real name

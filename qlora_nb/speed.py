@@ -16,7 +16,7 @@ from .packing import ROWS, VARLEN, PackCollator, _round_up, attention_kernel, us
 # %% auto #0
 __all__ = ['CE_CHUNK', 'GiB', 'ROW_SIZES', 'chunked_lm_loss', 'model_compute_dtype', 'use_chunked_loss', 'MemoryModel',
            'usable_bytes', 'memory_model', 'decoder_layers', 'checkpoint_layers', 'compile_layers', 'uncompile_layers',
-           'liger_problem', 'apply_liger', 'SpeedPlan', 'wants_checkpointing', 'speed_plan', 'apply_speed',
+           'liger_problem', 'apply_liger', 'SpeedPlan', 'wants_checkpointing', 'speed_plan', 'apply_speed', 'is_oom',
            'oom_advice']
 
 # %% ../nbs/05a_speed.ipynb #3d2f18be
@@ -307,7 +307,8 @@ def apply_speed(model, plan: SpeedPlan, dtype=None):
 # %% ../nbs/05a_speed.ipynb #d2c72c2b
 _OOM = getattr(torch, 'OutOfMemoryError', torch.cuda.OutOfMemoryError)
 
-def _is_oom(e: BaseException) -> bool:
+def is_oom(e: BaseException) -> bool:
+    "Whether `e` is the GPU running out of memory."
     return isinstance(e, _OOM) or (isinstance(e, RuntimeError) and 'out of memory' in str(e).lower())
 
 def oom_advice(args: TrainingArguments, max_length: int, plan=None) -> str:

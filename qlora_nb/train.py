@@ -19,11 +19,11 @@ from .data import DataError, dataset_sha256, resolve_sources
 from .model import compute_dtype, free_memory, load_tokenizer, load_model
 from .lora import add_lora
 from .distributed import (check_distributed, check_launch, check_resume_launch, check_shared_output, distributed_args,
-                                  save_adapter)
+                                  is_main, save_adapter)
 from .packing import PackCollator, PackedTrainerMixin, example_lengths
-from .speed import SpeedPlan, _is_oom, apply_speed, checkpoint_layers, oom_advice, speed_plan, wants_checkpointing
-from .outputs import (LOCK, OUTPUT_MANIFEST, RUN_INFO, STAGING, TRASH, _is_main, _natural, checkpoint_problems, checkpoint_step,
-                              clean_leftovers, discard_dir, find_last_checkpoint, forget_outputs, list_checkpoints, output_lock,
+from .speed import SpeedPlan, is_oom, apply_speed, checkpoint_layers, oom_advice, speed_plan, wants_checkpointing
+from .outputs import (LOCK, OUTPUT_MANIFEST, RUN_INFO, STAGING, TRASH, checkpoint_problems, checkpoint_step, clean_leftovers,
+                              natural_key, discard_dir, find_last_checkpoint, forget_outputs, list_checkpoints, output_lock,
                               owned_outputs, publish_dir, record_outputs, rotate_checkpoints, sha256_file, write_checksums)
 
 _log = logging.getLogger(__name__)
@@ -105,7 +105,7 @@ _INTERNAL = re.compile(rf'{re.escape(LOCK)}|{re.escape(OUTPUT_MANIFEST)}(?:\.tmp
 
 def _listing(out: Path) -> list[str]:
     "The entries of `out` other than qlora_nb's own bookkeeping, in natural order."
-    return sorted((p.name for p in out.iterdir() if not _INTERNAL.fullmatch(p.name)), key=_natural) if out.is_dir() else []
+    return sorted((p.name for p in out.iterdir() if not _INTERNAL.fullmatch(p.name)), key=natural_key) if out.is_dir() else []
 
 def _data_files(spec) -> list[Path]:
     "The files of a data path (a file, folder, glob or list); none when they cannot be found (reading the data says why)."
@@ -141,7 +141,7 @@ def resolve_resume(config: Config, overwrite: bool = False) -> Path | None:
                          'move them out of the folder, or choose another output_dir. (Outputs of a qlora_nb version without the manifest '
                          f'can be claimed with qlora_nb.train.record_outputs(output_dir, name, ...).)')
     if overwrite:
-        if owned and _is_main():
+        if owned and is_main():
             others = [n for n in listing if n not in owned]
             print(f'overwrite: removing {", ".join(owned)} (written by qlora_nb) in {out}' +
                   (f'; leaving {", ".join(others)} (not written by qlora_nb)' if others else ''))
@@ -151,10 +151,10 @@ def resolve_resume(config: Config, overwrite: bool = False) -> Path | None:
         if probs := checkpoint_problems(r):
             raise TrainError(f'resume_from_checkpoint: cannot resume from {r}: ' + '; '.join(probs) +
                              f'. Point it at a complete checkpoint-N folder, or set resume_from_checkpoint: true for the newest sound one in {out}')
-        if _is_main(): print(f'Resuming from {r}')
+        if is_main(): print(f'Resuming from {r}')
         return Path(r)
     if r and (last := find_last_checkpoint(out)):
-        if _is_main(): print(f'Resuming from {last} (the newest complete checkpoint in {out})')
+        if is_main(): print(f'Resuming from {last} (the newest complete checkpoint in {out})')
         return last
     ckpts, done = [n for n in owned if checkpoint_step(n) is not None], [n for n in owned if n in _FINISHED]
     if ckpts or done or (owned and not r):
@@ -163,7 +163,7 @@ def resolve_resume(config: Config, overwrite: bool = False) -> Path | None:
         raise TrainError(f'{out} already holds {", ".join(owned)} from an earlier run and {why}: pass {option("overwrite")} '
                          'to delete them and start again' + ('' if r else ', or set resume_from_checkpoint: true to continue from the newest checkpoint'))
     if owned:
-        if _is_main():
+        if is_main():
             print(f'{out}: starting fresh; removing {", ".join(owned)}, left by a run that stopped before its first checkpoint')
             _remove(out, owned)
     elif r: print(f'No checkpoint in {out}: starting fresh')
@@ -227,7 +227,7 @@ def _known(flat: dict, k: str) -> bool:
 def fingerprint_changes(old: dict, new: dict) -> list[tuple]:
     "(key, old value, new value) for each setting that differs between two fingerprints (not where files live, not when to stop)."
     a, b = _flat(old), _flat(new)
-    return [(k, a.get(k), b.get(k)) for k in sorted(a.keys() | b.keys(), key=_natural)  # a setting one version does not record
+    return [(k, a.get(k), b.get(k)) for k in sorted(a.keys() | b.keys(), key=natural_key)  # a setting one version does not record
             if a.get(k) != b.get(k) and not k.startswith(_NOT_COMPARED) and _known(a, k) and _known(b, k)]  # is not a change
 
 # %% ../nbs/05_train.ipynb #9b73d056
@@ -569,12 +569,12 @@ def train(config: Config,  # from `load_config(path, overrides)`
     check_training_args(config)
     t0, out = time.time(), Path(config.output_dir)
     with _verbosity(verbose), output_lock(out, 'train'):
-        if _is_main() and (gone := clean_leftovers(out)): print(f'{out}: removed {", ".join(gone)}, left by an interrupted command')
+        if is_main() and (gone := clean_leftovers(out)): print(f'{out}: removed {", ".join(gone)}, left by an interrupted command')
         resume = resolve_resume(config, overwrite)
         tokenizer = load_tokenizer(config)
         (train_ex, train_rep), (eval_ex, eval_rep) = examples(config, tokenizer), examples(config, tokenizer, 'eval')
         reports = {'train': train_rep, 'eval': eval_rep}
-        if _is_main(): report_examples(reports)
+        if is_main(): report_examples(reports)
         args = training_arguments(config, has_eval=bool(eval_ex), compute_dtype=compute_dtype(config.quantization_config))
         # several processes: launched as one job, FSDP settings that keep the 4-bit weights intact, one shared output_dir
         check_distributed(config, mixed_precision=args.mixed_precision); check_launch(args)
@@ -590,12 +590,12 @@ def train(config: Config,  # from `load_config(path, overrides)`
             print(f'{out}: this run is finished ({resume.name} is its last step) and lora_adapter/ holds that step: nothing to train. '
                   f'Raise training_args.max_steps (or num_train_epochs) to train further, or pass {option("overwrite")} to start again')
             metrics = {**summarize_metrics(read_metrics(out/METRICS)), 'runtime': time.time() - t0}
-            return TrainResult(out, out/'lora_adapter' if _is_main() else None, list_checkpoints(out), metrics, resume, reports, 0)
-        if _is_main(): record_outputs(out, METRICS, *(['runs'] if 'tensorboard' in args.report_to else []))
+            return TrainResult(out, out/'lora_adapter' if is_main() else None, list_checkpoints(out), metrics, resume, reports, 0)
+        if is_main(): record_outputs(out, METRICS, *(['runs'] if 'tensorboard' in args.report_to else []))
         trainer, plan = setup_training(config, tokenizer, train_ex, eval_ex, args,
                                        callbacks=[MetricsLogger(out/METRICS), NonFiniteGuard(), *(callbacks or [])])
         model = trainer.model
-        if _is_main(): print('speed          ' + '\n               '.join([plan.summary(), *plan.notes]))
+        if is_main(): print('speed          ' + '\n               '.join([plan.summary(), *plan.notes]))
         if trainer.pop_callback(ProgressCallback) is not None: trainer.add_callback(QuietEvalProgress)
         trainer.run_info = {'fingerprint': fp, 'config': config.to_dict(), 'resumed_from': str(resume) if resume else None,
                             'config_changes': changes or None, 'speed': plan.to_dict()}
@@ -609,11 +609,11 @@ def train(config: Config,  # from `load_config(path, overrides)`
             else: trainer.train(resume_from_checkpoint=str(resume) if resume else None)
         except KeyboardInterrupt: raise TrainInterrupted(_interrupted(config, trainer.state.global_step)) from None
         except Exception as e:
-            if _is_oom(e): raise TrainError(oom_advice(args, config.data.max_length, plan)) from e
+            if is_oom(e): raise TrainError(oom_advice(args, config.data.max_length, plan)) from e
             raise
         finally:
             while plan.undo: plan.undo.pop()()  # Liger's patches of transformers, before anything else runs
-            if _is_main(): shutil.rmtree(out/(trainer._staging_name or f'{STAGING}-{os.getpid()}'), ignore_errors=True)
+            if is_main(): shutil.rmtree(out/(trainer._staging_name or f'{STAGING}-{os.getpid()}'), ignore_errors=True)
         if eval_ex and args.eval_strategy != 'no' and not any('eval_loss' in r and r.get('step') == trainer.state.global_step for r in trainer.state.log_history):  # the same on every process
             trainer.evaluate()
         staging = trainer.staging_dir(out)
