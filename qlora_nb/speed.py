@@ -91,7 +91,7 @@ def usable_bytes(budget_gib: float) -> float:
     "What of a memory budget the allocator may fill: 90% of it, less 0.5 GiB for the CUDA context."
     return 0.9 * budget_gib * GiB - 0.5 * GiB
 
-def memory_model(model, config, budget_gib: float, chunk: int | None = CE_CHUNK) -> MemoryModel:
+def memory_model(model, config, budget_gib: float, chunk: int | None = CE_CHUNK, compiled: bool = True) -> MemoryModel:
     "The `MemoryModel` of `model` (adapters added, on its GPU) for `budget_gib`, from its shapes and what it holds now."
     c = _causal_lm(model).config.get_text_config()
     d, ff, L, V = c.hidden_size, c.intermediate_size, c.num_hidden_layers, c.vocab_size
@@ -100,12 +100,13 @@ def memory_model(model, config, budget_gib: float, chunk: int | None = CE_CHUNK)
     held = (torch.cuda.memory_allocated(dev) if dev.type == 'cuda' else
             sum(p.numel() * p.element_size() for p in model.parameters()))
     fixed = held + 12 * trainable + (chunk or 0) * V * 10  # float32 gradients and two Adam states; a chunk of logits
-    kept_all = 2 * (11 * d + 4.2 * ff)
+    # bytes per token per layer in bfloat16: compiled layers keep less (their graph recomputes what is cheap)
+    kept_all = 2 * (7 * d + 3 * ff) if compiled else 2 * (11 * d + 4.2 * ff)
     if config.lora_config.lora_dropout > 0:  # each adapted layer keeps its dropped-out input (and the mask)
         layer = decoder_layers(model)[0]
         kept_all += 3 * sum(m.in_features for m in layer.modules() if hasattr(m, 'lora_A') and len(m.lora_A))
-    row = 1.6 * kept_all + (0 if chunk else V * 10)  # without chunks: every token's logits, their float32 copy, gradient
-    return MemoryModel(usable_bytes(budget_gib), fixed, row, kept_all, 2 * d, L)
+    row = (8 * d if compiled else 1.6 * kept_all) + (0 if chunk else V * 10)  # without chunks: all logits, float32, grad
+    return MemoryModel(usable_bytes(budget_gib), fixed, row, kept_all, 4 * d, L)
 
 # %% ../nbs/05a_speed.ipynb #e7448674
 def decoder_layers(model) -> list:
@@ -238,7 +239,7 @@ def speed_plan(config, model, lengths: list[int], examples_per_step: int) -> Spe
     p.checkpointing = L if ck == 'all' else 0 if ck == 'none' else ck if ck == 'auto' else min(ck, L)
     if cuda:
         p.memory_budget_gib = round(_budget_gib(config, dev), 2)
-        p.memory = memory_model(model, config, p.memory_budget_gib, CE_CHUNK if p.chunked_loss else None)
+        p.memory = memory_model(model, config, p.memory_budget_gib, CE_CHUNK if p.chunked_loss else None, p.compile)
     if p.packing:
         step = sum(sorted(lengths, reverse=True)[:examples_per_step]) or longest  # the most tokens a step can hold
         n = L if p.checkpointing == 'auto' else p.checkpointing
