@@ -4,19 +4,18 @@
 
 # %% auto #0
 __all__ = ['DEFAULT_SYSTEM', 'EXIT_OK', 'EXIT_DATA', 'EXIT_CONFIG', 'EXIT_TRAIN', 'EXIT_IO', 'EXIT_LOCKED', 'EXIT_INTERRUPTED',
-           'MAX_YAML_VALUES', 'RULES', 'QloraError', 'ConfigError', 'as_command', 'option', 'QuantizationConfig',
-           'LoraSection', 'DataSection', 'EvalSection', 'ExportSection', 'TrainingSection', 'Config', 'Loader',
-           'yaml_size', 'parse_yaml', 'read_yaml', 'check_value', 'check_rule', 'training_arg_types', 'apply_override',
-           'resolve_model_path', 'load_config', 'check_training_args']
+           'MAX_YAML_VALUES', 'QloraError', 'ConfigError', 'as_command', 'option', 'QuantizationConfig', 'LoraSection',
+           'DataSection', 'EvalSection', 'ExportSection', 'TrainingSection', 'Config', 'Loader', 'yaml_size',
+           'parse_yaml', 'read_yaml', 'apply_override', 'resolve_model_path', 'load_config', 'check_training_args']
 
 # %% ../nbs/00_config.ipynb #ba1da746
-import contextvars, copy, dataclasses, difflib, enum, functools, glob, importlib.metadata, itertools, json, operator, os, re, shlex
-import tempfile, types, typing, warnings
+import contextvars, copy, dataclasses, difflib, glob, itertools, json, os, re, shlex, tempfile, typing, warnings
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 import yaml
+from .checks import check_rule, check_value, describe_type, training_arg_fields
 
 # %% ../nbs/00_config.ipynb #079d3de1
 DEFAULT_SYSTEM = '你是一个功底深厚的小说家，请根据指令进行创作。'
@@ -25,11 +24,13 @@ DEFAULT_SYSTEM = '你是一个功底深厚的小说家，请根据指令进行�
 EXIT_OK, EXIT_DATA, EXIT_CONFIG, EXIT_TRAIN, EXIT_IO, EXIT_LOCKED, EXIT_INTERRUPTED = 0, 1, 2, 3, 4, 5, 130
 
 class QloraError(Exception):
-    "An error a user can fix; the message says what and how. `exit_code`: the status the `qlora_nb_*` commands exit with."
+    ("An error a user can fix; the message says what and how. "
+     "`exit_code`: the status the `qlora_nb_*` commands exit with.")
     exit_code = EXIT_DATA
 
 class ConfigError(QloraError, ValueError):
-    "A config file or override that does not fit the schema; the message says where, what was expected and what was given."
+    ("A config file or override that does not fit the schema; "
+     "the message says where, what was expected and what was given.")
     exit_code = EXIT_CONFIG
 
 # %% ../nbs/00_config.ipynb #c31dbe79
@@ -79,8 +80,9 @@ class DataSection:
     seed: int = 42  # seed of the train/eval split
     # system prompt for records without one; null keeps the template's own default
     default_system: str | None = DEFAULT_SYSTEM
-    # over-long examples: keep whole assistant turns that fit (truncate), drop the example (drop), or also keep the head
-    # of the answer the cut runs through, without its <|im_end|> (keep_head: more text trained, but answers that never end)
+    # over-long examples: keep whole assistant turns that fit (truncate), drop the example (drop), or also keep the
+    # head of the answer the cut runs through, without its <|im_end|> (keep_head: more text trained, but answers that
+    # never end)
     truncation: Literal['truncate', 'drop', 'keep_head'] = 'truncate'
     # where encoded examples are cached (about 8 bytes a token); null: $QLORA_NB_CACHE, else ~/.cache/qlora_nb
     cache_dir: Path | None = None
@@ -102,7 +104,8 @@ class ExportSection:
     "How the adapter is merged into `final_model/` and how the merge is checked."
     merge_into: Literal['dequantized', 'original'] = 'dequantized'  # the NF4 base as trained, or the original weights
     check_prompts: int = 4  # eval prompts used to compare merged vs adapter logits
-    max_abs_logit_diff: float | None = None  # fail the export above this max |Δlogit| (dequantized merge); null: by dtype
+    # fail the export above this max |Δlogit| (dequantized merge); null: by dtype
+    max_abs_logit_diff: float | None = None
     min_token_agreement: float | None = None  # fail the export below this greedy-token agreement; null: by dtype
 
     def tolerances(self, dtype) -> tuple[float, float]:
@@ -115,7 +118,8 @@ class ExportSection:
 @dataclass
 class TrainingSection:
     "How training runs: packing, kernels, compile and checkpointing (`style: seed` turns all of them off)."
-    style: Literal['fast', 'seed'] = 'fast'  # seed: one example per row, float32 k-bit prep, the Trainer's checkpointing
+    # seed: one example per row, float32 k-bit prep, the Trainer's checkpointing
+    style: Literal['fast', 'seed'] = 'fast'
     packing: bool = True  # an optimizer step's examples packed into rows, each example attending only to itself
     tokens_per_row: int | None = None  # most tokens in one row (one forward pass); null: what memory_budget_gib allows
     memory_budget_gib: float | None = None  # GPU memory this run may take; null: what the GPU has free at the start
@@ -127,7 +131,8 @@ class TrainingSection:
     checkpointing: Literal['auto', 'all', 'none'] | int = 'auto'
     lean_prep: bool = True  # keep norms, embeddings and the head in the compute dtype (PEFT upcasts them to float32)
     chunked_loss: bool = True  # the loss over the vocabulary a chunk of tokens at a time, never all logits at once
-    liger: bool | Literal['auto'] = 'auto'  # Liger kernels (liger-kernel); auto: on a GPU when installed and compile is off
+    # Liger kernels (liger-kernel); auto: on a GPU when installed and compile is off
+    liger: bool | Literal['auto'] = 'auto'
 
 # %% ../nbs/00_config.ipynb #b7bf214a
 @dataclass
@@ -215,152 +220,13 @@ def read_yaml(path):
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f'{path}: config file not found (give the path of a YAML file such as config.yaml)')
-    data, node = parse_yaml(path.read_text(encoding='utf-8-sig'), lambda line: f'{path}:{line}: ' if line else f'{path}: ')
+    data, node = parse_yaml(path.read_text(encoding='utf-8-sig'),
+                            lambda line: f'{path}:{line}: ' if line else f'{path}: ')
     if data is None: data = {}
     if not isinstance(data, dict):
-        raise ConfigError(f'{path}:1: expected a mapping of keys (model_name_or_path: ..., ...), got {type(data).__name__}')
+        raise ConfigError(f'{path}:1: expected a mapping of keys (model_name_or_path: ..., ...), '
+                          f'got {type(data).__name__}')
     return data, _key_lines(node)
-
-# %% ../nbs/00_config.ipynb #07a1e43b
-def _describe(tp):
-    "A type in words, for error messages."
-    if tp is type(None): return 'null'
-    if tp is bool: return 'true or false'
-    if tp is int: return 'an integer'
-    if tp is float: return 'a number'
-    if tp is str: return 'a string'
-    if tp is Path: return 'a path'
-    if tp is dict or typing.get_origin(tp) is dict: return 'a mapping'
-    if isinstance(tp, type) and issubclass(tp, enum.Enum): return 'one of ' + ', '.join(repr(m.value) for m in tp)
-    org, args = typing.get_origin(tp), typing.get_args(tp)
-    if org is Literal: return 'one of ' + ', '.join(repr(a) for a in args)
-    if org is list: return f'a list of {_describe(args[0]).replace("a ", "", 1)}s' if args else 'a list'
-    if org in (typing.Union, types.UnionType): return ' or '.join(_describe(a) for a in args)
-    return getattr(tp, '__name__', str(tp))
-
-def check_value(value, tp):
-    "Return `value` converted to type `tp` (paths become `Path`), or raise `TypeError` saying what was expected."
-    org, args = typing.get_origin(tp), typing.get_args(tp)
-    if org in (typing.Union, types.UnionType):
-        for a in args:
-            try: return check_value(value, a)
-            except TypeError: pass
-    elif tp is type(None):
-        if value is None: return None
-    elif tp is bool:
-        if isinstance(value, bool): return value
-    elif tp is int:
-        if isinstance(value, int) and not isinstance(value, bool): return value
-    elif tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool): return float(value)
-    elif tp is str or tp is Path:
-        if isinstance(value, str) and (tp is str or value.strip()): return tp(value)
-    elif tp is dict or org is dict:
-        if isinstance(value, dict): return value
-    elif org is Literal:
-        if value in args and not isinstance(value, bool): return value
-    elif org is list:
-        if isinstance(value, list) and value: return [check_value(v, args[0]) for v in value] if args else value
-    elif isinstance(tp, type) and issubclass(tp, enum.Enum):
-        if value in {m.value for m in tp}: return value
-    else: return value  # a type we don't check (left to the library that uses it)
-    raise TypeError(f'expected {_describe(tp)}, got {value!r}')
-
-# %% ../nbs/00_config.ipynb #8b033d45
-_pos = lambda words: (lambda v: v > 0, words)
-_steps = _pos('a positive number (a step count, or a fraction < 1 of the total steps)')
-RULES = {
-    'lora_config.r': _pos('a positive integer'), 'lora_config.lora_alpha': _pos('a positive integer'),
-    'lora_config.lora_dropout': (lambda v: 0 <= v < 1, 'a number in [0, 1)'),
-    'data.max_length': _pos('a positive integer'), 'data.eval_ratio': (lambda v: 0 <= v < 1, 'a number in [0, 1)'),
-    'eval.max_new_tokens': _pos('a positive integer'), 'eval.num_prompts': (lambda v: v >= 0, 'a non-negative integer'),
-    'eval.batch_size': _pos('a positive integer'), 'eval.temperature': _pos('a positive number'),
-    'eval.top_p': (lambda v: 0 < v <= 1, 'a number in (0, 1]'), 'eval.top_k': _pos('a positive integer'),
-    'export.check_prompts': _pos('a positive integer'), 'export.max_abs_logit_diff': _pos('a positive number'),
-    'export.min_token_agreement': (lambda v: 0 <= v <= 1, 'a number in [0, 1]'),
-    'training_args.learning_rate': _pos('a positive number (0 would train nothing)'),
-    'training_args.max_steps': (lambda v: v > 0 or v == -1, 'a positive integer, or -1 to train num_train_epochs'),
-    'training_args.save_steps': _steps, 'training_args.logging_steps': _steps, 'training_args.eval_steps': _steps,
-    'training_args.per_device_train_batch_size': _pos('a positive integer'),
-    'training_args.per_device_eval_batch_size': _pos('a positive integer'),
-    'training_args.gradient_accumulation_steps': _pos('a positive integer'),
-    'training_args.warmup_steps': (lambda v: v >= 0, 'a number >= 0 (a step count, or a fraction < 1 of the steps)'),
-    'training.tokens_per_row': _pos('a positive integer'), 'training.memory_budget_gib': _pos('a positive number'),
-    'training.checkpointing': (lambda v: not isinstance(v, int) or v >= 0,
-                               "auto, all, none or a number of layers >= 0"),
-}
-
-def check_rule(key, value):
-    "The complaint about `value` at key path `key` if it breaks a rule in `RULES`, else None."
-    if key not in RULES or value is None: return None
-    ok, words = RULES[key]
-    return None if ok(value) else f'expected {words}, got {value!r}'
-
-# %% ../nbs/00_config.ipynb #6e3e1fdf
-def _simple_type(tp):
-    "`tp` in the types `check_value` knows: enums become `str`, dict[...] `dict`, anything else `object`."
-    org, args = typing.get_origin(tp), typing.get_args(tp)
-    if tp in (bool, int, float, str, dict, type(None)): return tp
-    if org is dict: return dict
-    if org is list: return list[_simple_type(args[0])] if args else list
-    if org is Literal: return tp
-    if org in (typing.Union, types.UnionType):
-        out = []
-        for a in map(_simple_type, args):
-            if a not in out: out.append(a)
-        return functools.reduce(operator.or_, out)
-    if isinstance(tp, type) and issubclass(tp, enum.Enum): return str
-    return object
-
-def training_arg_types() -> dict:
-    "`{field: type}` of the installed `transformers.TrainingArguments` (imports transformers: seconds)."
-    from transformers import TrainingArguments
-    return {f.name: _simple_type(f.type) for f in dataclasses.fields(TrainingArguments) if f.init}
-
-# %% ../nbs/00_config.ipynb #6e284079
-_TRAINING_ARGS_FOR = '5.24.0'  # the transformers version `_TRAINING_ARGS` comes from
-_TRAINING_ARGS = {  # TrainingArguments' fields by type, as `training_args_source()` below prints them
-    str | None: 'output_dir optim_args torch_compile_backend torch_compile_mode run_name trackio_space_id '
-        'trackio_bucket_id hub_token hub_model_id hub_revision metric_for_best_model '
-        'dataloader_multiprocessing_context ddp_backend fsdp resume_from_checkpoint',
-    int: 'per_device_train_batch_size max_steps gradient_accumulation_steps per_device_eval_batch_size '
-        'seed dataloader_num_workers ddp_timeout local_rank',
-    float: 'num_train_epochs learning_rate warmup_steps weight_decay adam_beta1 adam_beta2 adam_epsilon '
-        'max_grad_norm label_smoothing_factor logging_steps eval_delay save_steps',
-    str: 'lr_scheduler_type optim logging_strategy log_level log_level_replica project eval_strategy '
-        'save_strategy hub_strategy train_sampling_strategy length_column_name',
-    dict | str | None: 'lr_scheduler_kwargs activation_checkpointing_kwargs gradient_checkpointing_kwargs '
-        'accelerator_config fsdp_config deepspeed',
-    None | str | list[str]: 'optim_target_modules report_to',
-    bool: 'average_tokens_across_devices bf16 fp16 bf16_full_eval fp16_full_eval torch_compile '
-        'use_liger_kernel use_cache auto_find_batch_size logging_first_step log_on_each_node '
-        'logging_nan_inf_filter prediction_loss_only eval_on_start eval_do_concat_batches '
-        'eval_use_gather_object batch_eval_metrics save_only_model save_on_each_node '
-        'enable_jit_checkpoint push_to_hub hub_always_push load_best_model_at_end ignore_data_skip '
-        'restore_callback_states_from_checkpoint full_determinism use_cpu dataloader_drop_last '
-        'dataloader_pin_memory dataloader_persistent_workers dataloader_in_order remove_unused_columns '
-        'skip_memory_metrics do_train do_eval do_predict',
-    bool | None: 'tf32 activation_checkpointing gradient_checkpointing disable_tqdm hub_private_repo '
-        'greater_is_better ddp_find_unused_parameters ddp_broadcast_buffers ddp_static_graph',
-    dict | None: 'liger_kernel_config',
-    float | None: 'neftune_noise_alpha eval_steps',
-    int | None: 'torch_empty_cache_steps eval_accumulation_steps save_total_limit data_seed '
-        'dataloader_prefetch_factor ddp_bucket_cap_mb',
-    str | bool: 'include_num_input_tokens_seen',
-    str | None | Literal[False]: 'trackio_static_space_id',
-    list[str]: 'include_for_metrics',
-    object | None: 'parallelism_config',
-    list[str] | None: 'label_names',
-    str | list[str]: 'debug',
-}
-
-def _training_arg_fields(keys=()) -> dict:
-    "TrainingArguments' `{field: type}`: the stored ones for their transformers or when they know all `keys`, else imported."
-    stored = {n: tp for tp, names in _TRAINING_ARGS.items() for n in names.split()}
-    try: installed = importlib.metadata.version('transformers')
-    except importlib.metadata.PackageNotFoundError: installed = None
-    if installed in (None, _TRAINING_ARGS_FOR) or all(k in stored for k in keys): return stored
-    return training_arg_types()
 
 # %% ../nbs/00_config.ipynb #01c8c271
 def _suggest(key, valid):
@@ -371,14 +237,15 @@ _OWN_KEYS = {'output_dir', 'resume_from_checkpoint'}
 
 def _check_training_args(args, where):
     "Check `training_args` mapping `args`: names and types of TrainingArguments fields, and `RULES`."
-    fields_ = _training_arg_fields(args)
+    fields_ = training_arg_fields(args)
     for k, v in args.items():
         key = f'training_args.{k}'
         if k in _OWN_KEYS: raise ConfigError(f'{where(key)}{key}: set it at the top level of the config ({k}: ...), '
                                              'not under training_args')
         if k not in fields_: raise ConfigError(f'{where(key)}{key}: unknown key; {_suggest(k, fields_)} '
                                                '(training_args takes transformers.TrainingArguments fields)')
-        if v is False and not _accepts_bool(fields_[k]): args[k] = v = 'no'  # YAML 1.1 reads `eval_strategy: no` as false
+        # YAML 1.1 reads `eval_strategy: no` as false
+        if v is False and not _accepts_bool(fields_[k]): args[k] = v = 'no'
         try: check_value(v, fields_[k])
         except TypeError as e: raise ConfigError(f'{where(key)}{key}: {e}') from None
         if msg := check_rule(key, v): raise ConfigError(f'{where(key)}{key}: {msg}')
@@ -395,13 +262,14 @@ def _build(cls, data, where, prefix=''):
         raise ConfigError(f'{where(prefix[:-1])}{prefix[:-1]}: expected a mapping of keys, got {data!r}')
     flds = {f.name: f for f in dataclasses.fields(cls) if f.name != 'config_path'}
     for k in data:
-        if k not in flds: raise ConfigError(f'{where(prefix + str(k))}{prefix}{k}: unknown key; {_suggest(str(k), flds)}')
+        if k not in flds:
+            raise ConfigError(f'{where(prefix + str(k))}{prefix}{k}: unknown key; {_suggest(str(k), flds)}')
     kw = {}
     for name, f in flds.items():
         key = prefix + name
         if name not in data:
             if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
-                raise ConfigError(f'{where("")}{key}: missing required key (expected {_describe(f.type)})')
+                raise ConfigError(f'{where("")}{key}: missing required key (expected {describe_type(f.type)})')
             continue
         v = data[name]
         if dataclasses.is_dataclass(f.type):
@@ -470,7 +338,8 @@ def _data_folder(p: Path) -> tuple[Path, bool]:
 def _check_paths(config, raw: dict, where, data: bool = True):
     "Refuse missing data files (when `data`) and an `output_dir` that is a file or holds the config or the data."
     base = config.config_path.parent
-    files = {'dataset_path': _data_paths(config.dataset_path), 'data.eval_dataset_path': _data_paths(config.data.eval_dataset_path)}
+    files = {'dataset_path': _data_paths(config.dataset_path),
+             'data.eval_dataset_path': _data_paths(config.data.eval_dataset_path)}
     for key, ps in files.items():
         raws = raw.get(key) if isinstance(raw.get(key), list) else [raw.get(key, '/')] * len(ps)
         for p, r in zip(ps, raws) if data else ():
@@ -483,8 +352,10 @@ def _check_paths(config, raw: dict, where, data: bool = True):
     if out.is_file(): raise ConfigError(f'{where("output_dir")}output_dir: {out} is a file; give a folder '
                                         '(it is created if missing)')
     own = f'; give it a folder of its own, such as {base/"output"/"run"}'
-    if out == Path(out.anchor): raise ConfigError(f'{where("output_dir")}output_dir: {out} is the file-system root{own}')
-    if out == Path.home().resolve(): raise ConfigError(f'{where("output_dir")}output_dir: {out} is your home folder{own}')
+    if out == Path(out.anchor):
+        raise ConfigError(f'{where("output_dir")}output_dir: {out} is the file-system root{own}')
+    if out == Path.home().resolve():
+        raise ConfigError(f'{where("output_dir")}output_dir: {out} is your home folder{own}')
     for what, p in (('the config file', config.config_path), *((k, v) for k, ps in files.items() for v in ps)):
         folder, whole = _data_folder(Path(p))
         if out == folder or out in folder.parents:
@@ -497,8 +368,9 @@ def _check_training(config, where):
     "Refuse `training` settings that contradict the rest of `config`."
     t, key = config.training, 'training.tokens_per_row'
     if t.tokens_per_row is not None and t.tokens_per_row < config.data.max_length:
-        raise ConfigError(f'{where(key)}{key}: {t.tokens_per_row} is less than data.max_length ({config.data.max_length}): '
-                          'a row must hold the longest example; raise it, or lower data.max_length')
+        raise ConfigError(f'{where(key)}{key}: {t.tokens_per_row} is less than data.max_length '
+                          f'({config.data.max_length}): a row must hold the longest example; raise it, or lower '
+                          'data.max_length')
 
 # %% ../nbs/00_config.ipynb #4589e4fb
 @dataclass
@@ -526,7 +398,8 @@ def load_config(path,  # the YAML config file
     base = path.parent
     cfg.model_name_or_path = resolve_model_path(cfg.model_name_or_path, base)
     cfg.dataset_path, cfg.output_dir = _resolve_data(cfg.dataset_path, base), _resolve(cfg.output_dir, base)
-    if isinstance(cfg.resume_from_checkpoint, Path): cfg.resume_from_checkpoint = _resolve(cfg.resume_from_checkpoint, base)
+    if isinstance(cfg.resume_from_checkpoint, Path):
+        cfg.resume_from_checkpoint = _resolve(cfg.resume_from_checkpoint, base)
     cfg.data.eval_dataset_path = _resolve_data(cfg.data.eval_dataset_path, base)
     if cfg.data.cache_dir is not None: cfg.data.cache_dir = _resolve(cfg.data.cache_dir, base)
     cfg.config_path, cfg._where = path, where
