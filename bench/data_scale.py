@@ -99,6 +99,7 @@ def phase(name, args) -> dict:
     elif name in ('train_cold_tiny', 'train_warm_tiny'):
         import transformers
         from qlora_nb import train as T
+        from qlora_nb.metrics import METRICS, read_metrics
         from qlora_nb.config import load_config
         cfg = load_config(str(args.config), [f'dataset_path={args.data}', f'output_dir={args.workdir}/run', f'data.cache_dir={args.cache}-tiny',
                                               'training_args.eval_strategy=no', 'training_args.save_steps=100000',
@@ -111,7 +112,7 @@ def phase(name, args) -> dict:
             s = time.time(); r = examples(*a, **k); first['examples_s'] += time.time() - s; return r
         T.examples = timed_examples
         r = T.train(cfg, overwrite=True, callbacks=[First()])
-        rows = T.read_metrics(Path(cfg.output_dir)/T.METRICS)
+        rows = read_metrics(Path(cfg.output_dir)/METRICS)
         out.update(seconds=time.time() - t0, first_step_s=first.get('step'), steps=r.metrics['steps'], examples_s=first['examples_s'],
                    reused=r.examples['train'].data['reused'], first_losses=[x['loss'] for x in rows if 'loss' in x][:5])
     else: raise SystemExit(f'unknown phase {name}')

@@ -136,7 +136,8 @@ if os.environ.get("FSDP_ON_CPU") == "1":  # --smoke only: accelerate runs FSDP o
 import torch
 from transformers import TrainerCallback
 from qlora_nb.config import load_config
-from qlora_nb.train import train, read_metrics
+from qlora_nb.metrics import read_metrics
+from qlora_nb.train import train
 cuda = torch.cuda.is_available()
 gib = lambda b: round(b / 2**30, 2)
 def emit(tag, d):  # one write per record, so the lines of two processes sharing the pipe do not interleave

@@ -133,7 +133,7 @@ FSDP_MODEL = 'pytorch_model_fsdp'  # accelerate's name for the model in an FSDP 
 def check_resume_launch(ckpt, config: Config, env=None):
     "Raise `TrainError` if checkpoint `ckpt` was written with FSDP and this run does not use it, or the other way round."
     if ckpt is None: return
-    from qlora_nb.train import TrainError
+    from qlora_nb.resume import TrainError
     ckpt, fsdp = Path(ckpt), is_fsdp(env, config.training_args)
     sharded = any(p.name.startswith(FSDP_MODEL) for p in ckpt.iterdir()) if ckpt.is_dir() else False
     if sharded == fsdp: return

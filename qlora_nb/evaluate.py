@@ -15,7 +15,7 @@ from .model import free_memory, input_device, load_model, load_tokenizer
 from .infer import (EvalError, Generation, _load_merged, _settings_dict, check_adapter, find_model_source,
                             generate)
 from .outputs import output_lock, record_outputs
-from .train import METRICS, plot_loss_curve, read_metrics
+from .metrics import METRICS, plot_loss_curve, read_metrics
 
 log = logging.getLogger(__name__)
 

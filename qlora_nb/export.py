@@ -15,7 +15,9 @@ from .model import free_memory, input_device, keep_cpu_layout, load_model, load_
 from .infer import check_adapter
 from .speed import model_compute_dtype
 from .outputs import STAGING, TRASH, pid_alive, find_last_checkpoint, output_lock, publish_dir, record_outputs
-from .train import METRICS, TrainError, TrainInterrupted, read_metrics, run_manifest, summarize_metrics
+from .resume import TrainError, TrainInterrupted
+from .metrics import METRICS, read_metrics, summarize_metrics
+from .report import run_manifest
 
 # %% auto #0
 __all__ = ['U32', 'ExportError', 'MergeCheckError', 'dequantize_model', 'load_merge_base', 'adapter_problems', 'rounding_bound',

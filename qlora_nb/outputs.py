@@ -36,11 +36,14 @@ _held: dict[str, list] = {}  # lock file -> [fd, depth] for the locks this proce
 def writable_dir(output_dir) -> Path:
     "`output_dir`, created if missing; a `ConfigError` if it is a file or cannot be written."
     out = Path(output_dir)
-    if out.exists() and not out.is_dir(): raise ConfigError(f'output_dir: {out} is a file; give a folder (it is created if missing)')
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f'output_dir: {out} is a file; give a folder (it is created if missing)')
     try: out.mkdir(parents=True, exist_ok=True)
-    except OSError as e: raise ConfigError(f'output_dir: cannot create {out} ({e.strerror}); choose a folder you can write to') from None
+    except OSError as e:
+        raise ConfigError(f'output_dir: cannot create {out} ({e.strerror}); choose a folder you can write to') from None
     if not os.access(out, os.W_OK | os.X_OK):
-        raise ConfigError(f'output_dir: {out} is not writable (read-only file system or no permission); choose a folder you can write to')
+        raise ConfigError(f'output_dir: {out} is not writable (read-only file system or no permission); '
+                          'choose a folder you can write to')
     return out
 
 def _holder(path) -> dict:
@@ -59,12 +62,13 @@ def pid_alive(pid) -> bool:
     if os.name == 'nt': return True  # os.kill(pid, 0) would send Ctrl-C there: never guess that a holder has ended
     try: os.kill(int(pid), 0)
     except ProcessLookupError: return False
-    except (OSError, ValueError, TypeError, OverflowError): return True  # another user's process, or no pid: assume it runs
+    except (OSError, ValueError, TypeError, OverflowError):
+        return True  # another user's process, or no pid: assume it runs
     return True
 
 def _refusal(out: Path, h: dict) -> str:
-    return (f'{out} is in use: another qlora_nb command is writing there ({describe_holder(h)}). Wait for it to end or stop it, '
-            f'or use another output_dir. Nothing was changed.')
+    return (f'{out} is in use: another qlora_nb command is writing there ({describe_holder(h)}). Wait for it to end or '
+            'stop it, or use another output_dir. Nothing was changed.')
 
 def _write_holder(fd: int, info: dict):
     os.ftruncate(fd, 0); os.lseek(fd, 0, os.SEEK_SET)
@@ -82,7 +86,8 @@ def _acquire(path: Path, info: dict) -> tuple[int, dict | None]:
             try: same = os.fstat(fd).st_ino == os.stat(path).st_ino
             except FileNotFoundError: same = False
             if same:  # (a holder that releases removes the file first; then we locked a file no one else will open)
-                if (h := _holder(path)): stale = h  # the file of a holder that did not release: it ended without cleaning up
+                if (h := _holder(path)):
+                    stale = h  # the file of a holder that did not release: it ended without cleaning up
                 _write_holder(fd, info); return fd, stale
             os.close(fd)
     for _ in range(3):
@@ -91,13 +96,16 @@ def _acquire(path: Path, info: dict) -> tuple[int, dict | None]:
             h = _holder(path)
             if h.get('host') == socket.gethostname() and not pid_alive(h.get('pid')) or not h:
                 stale = h or stale; path.unlink(missing_ok=True); continue
-            raise OutputLocked(_refusal(path.parent, h) + f' (If no such process runs any more, delete {path}.)') from None
+            raise OutputLocked(_refusal(path.parent, h)
+                               + f' (If no such process runs any more, delete {path}.)') from None
         _write_holder(fd, info); return fd, stale
-    raise OutputLocked(f'{path}: could not take the lock (it keeps reappearing); is another qlora_nb command starting here?')
+    raise OutputLocked(f'{path}: could not take the lock (it keeps reappearing); '
+                       'is another qlora_nb command starting here?')
 
 @contextlib.contextmanager
 def output_lock(output_dir, what: str):
-    "Hold the exclusive lock of `output_dir` (created if missing) inside the block; `what` says what for ('train', 'merge', 'eval')."
+    """Hold the exclusive lock of `output_dir` (created if missing) inside the block; `what` says what for ('train',
+    'merge', 'eval')."""
     out = writable_dir(output_dir)
     path = out/LOCK
     key = str(path.resolve())
@@ -107,17 +115,19 @@ def output_lock(output_dir, what: str):
         finally:
             if key in _held: _held[key][1] -= 1
         return
-    info = {'pid': os.getpid(), 'host': socket.gethostname(), 'what': what, 'command': ' '.join(sys.argv) or sys.executable,
-            'started': time.strftime('%Y-%m-%dT%H:%M:%S%z')}
+    info = {'pid': os.getpid(), 'host': socket.gethostname(), 'what': what,
+            'command': ' '.join(sys.argv) or sys.executable, 'started': time.strftime('%Y-%m-%dT%H:%M:%S%z')}
     fd, stale = _acquire(path, info)
-    if stale: print(f'{out}: took over the stale lock of {describe_holder(stale)}: that process has ended', file=sys.stderr)
+    if stale:
+        print(f'{out}: took over the stale lock of {describe_holder(stale)}: that process has ended', file=sys.stderr)
     _held[key] = [fd, 1]
     try: yield path
     finally:
         _held[key][1] -= 1
         if _held[key][1] == 0:
             del _held[key]
-            with contextlib.suppress(OSError): path.unlink()  # remove the file while still holding the lock, then let go
+            # remove the file while still holding the lock, then let go
+            with contextlib.suppress(OSError): path.unlink()
             os.close(fd)
 
 # %% ../nbs/05b_outputs.ipynb #fd5a0e5e
@@ -149,7 +159,8 @@ def _entry_name(n) -> str:
     return n
 
 def record_outputs(output_dir, *names):
-    "Record in `output_dir/.qlora_nb.json` that qlora_nb writes the top-level entries `names` (call it before writing them)."
+    """Record in `output_dir/.qlora_nb.json` that qlora_nb writes the top-level entries `names` (call it before
+    writing them)."""
     out = Path(output_dir)
     outs = _read_manifest(out)
     new = [_entry_name(n) for n in names if str(n) not in outs]
@@ -159,19 +170,23 @@ def forget_outputs(output_dir, *names):
     "Drop `names` from `output_dir/.qlora_nb.json` (after their entries were removed)."
     out = Path(output_dir)
     outs = _read_manifest(out)
-    if any(str(n) in outs for n in names): _write_manifest(out, {k: v for k, v in outs.items() if k not in {str(n) for n in names}})
+    if any(str(n) in outs for n in names):
+        _write_manifest(out, {k: v for k, v in outs.items() if k not in {str(n) for n in names}})
 
 def _exists(p: Path) -> bool: return p.exists() or p.is_symlink()
 
 def owned_outputs(output_dir) -> list[str]:
-    "The entries of `output_dir` that qlora_nb recorded writing and that exist now, in natural order (checkpoint-8 before checkpoint-10)."
+    """The entries of `output_dir` that qlora_nb recorded writing and that exist now, in natural order (checkpoint-8
+    before checkpoint-10)."""
     out = Path(output_dir)
     return sorted((n for n in _read_manifest(out) if _exists(out/n)), key=natural_key)
 
 # %% ../nbs/05b_outputs.ipynb #553cd888
-STAGING = '.qlora_nb-staging'  # prefix of the folders where checkpoints and outputs are written before they get their real name
+# prefix of the folders where checkpoints and outputs are written before they get their real name
+STAGING = '.qlora_nb-staging'
 TRASH = '.qlora_nb-trash'  # prefix of the names entries get just before they are deleted
-CHECKSUMS = 'qlora_nb_checksums.json'  # in each checkpoint-N: size and sha256 of its files, written before it is published
+# in each checkpoint-N: size and sha256 of its files, written before it is published
+CHECKSUMS = 'qlora_nb_checksums.json'
 RUN_INFO = 'qlora_nb_run.json'  # in each checkpoint-N: the settings and data it was trained with (see run_fingerprint)
 _CKPT_RE = re.compile(rf'{PREFIX_CHECKPOINT_DIR}-(\d+)')
 
@@ -197,25 +212,30 @@ def write_checksums(folder) -> dict:
 
 def _checksum_problems(p: Path) -> list[str]:
     try: files = json.loads((p/CHECKSUMS).read_text())
-    except FileNotFoundError: return []  # written by another tool or an older qlora_nb: only the structure can be checked
+    except FileNotFoundError:
+        return []  # written by another tool or an older qlora_nb: only the structure can be checked
     except (OSError, ValueError) as e: return [f'{p}: unreadable {CHECKSUMS} ({e})']
     probs = []
     for rel, want in files.items():
         f = p/rel
         if not f.is_file(): probs.append(f'{p}: {rel} is missing (it was saved with the checkpoint)')
-        elif (size := f.stat().st_size) != want['size']: probs.append(f'{p}: {rel} has {size} bytes, {want["size"]} when saved (cut short?)')
+        elif (size := f.stat().st_size) != want['size']:
+            probs.append(f'{p}: {rel} has {size} bytes, {want["size"]} when saved (cut short?)')
         elif sha256_file(f) != want['sha256']:
             probs.append(f'{p}: {rel} differs from the file saved (sha256 mismatch: damaged on disk or changed since)')
     return probs
 
-_NEEDED = {'adapter weights (adapter_model.safetensors)': ('adapter_model.safetensors', 'adapter_model.bin', 'model.safetensors', 'model.safetensors.index.json', 'pytorch_model.bin'),
+_NEEDED = {'adapter weights (adapter_model.safetensors)': ('adapter_model.safetensors', 'adapter_model.bin',
+                                                           'model.safetensors', 'model.safetensors.index.json',
+                                                           'pytorch_model.bin'),
            'optimizer state (optimizer.pt)': ('optimizer.pt', 'optimizer_0', 'optimizer.bin'),
            'scheduler state (scheduler.pt)': ('scheduler.pt',),
            'RNG state (rng_state.pth)': ('rng_state.pth', 'rng_state_*.pth'),
            'trainer state (trainer_state.json)': ('trainer_state.json',)}
 
 def checkpoint_problems(path, verify: bool = True) -> list[str]:
-    "What a resume from checkpoint folder `path` would miss or find damaged (with `verify`, against its checksums); empty when it is sound."
+    """What a resume from checkpoint folder `path` would miss or find damaged (with `verify`, against its checksums);
+    empty when it is sound."""
     p = Path(path)
     if not p.is_dir(): return [f'{p}: no such checkpoint folder']
     probs = []
@@ -226,7 +246,8 @@ def checkpoint_problems(path, verify: bool = True) -> list[str]:
     if not probs:
         try: step = json.loads((p/'trainer_state.json').read_text())['global_step']
         except Exception as e: return [f'{p}: unreadable trainer_state.json ({e})']
-        if checkpoint_step(p) not in (None, step): probs.append(f'{p}: trainer_state.json says global_step {step}, the folder name says {checkpoint_step(p)}')
+        if checkpoint_step(p) not in (None, step):
+            probs.append(f'{p}: trainer_state.json says global_step {step}, the folder name says {checkpoint_step(p)}')
     if not probs and verify: probs = _checksum_problems(p)
     return probs
 
@@ -261,7 +282,8 @@ def _umask() -> int:
     return m
 
 def discard_dir(path):
-    "Delete `path` (a folder, a file or a link), renaming it to a hidden name first so nothing half-deleted keeps the real name."
+    """Delete `path` (a folder, a file or a link), renaming it to a hidden name first so nothing half-deleted keeps
+    the real name."""
     p = Path(path)
     if not (p.exists() or p.is_symlink()): return
     trash = p.with_name(f'{TRASH}-{p.name}-{os.getpid()}-{time.time_ns()}')
@@ -270,7 +292,8 @@ def discard_dir(path):
     else: trash.unlink(missing_ok=True)
 
 def publish_dir(src, dst) -> Path:
-    "Flush finished folder `src` to disk, make its files readable as the umask allows, and rename it to `dst` (replacing an old `dst`) in one step."
+    """Flush finished folder `src` to disk, make its files readable as the umask allows, and rename it to `dst`
+    (replacing an old `dst`) in one step."""
     src, dst = Path(src), Path(dst)
     mode = 0o666 & ~_umask()
     for root, _, files in os.walk(src):
@@ -285,7 +308,8 @@ def publish_dir(src, dst) -> Path:
 
 # %% ../nbs/05b_outputs.ipynb #c975127b
 def rotate_checkpoints(output_dir, save_total_limit: int | None, keep=()) -> list[Path]:
-    "Delete the oldest `checkpoint-N` folders of `output_dir` beyond `save_total_limit`, never those in `keep`; return the deleted."
+    """Delete the oldest `checkpoint-N` folders of `output_dir` beyond `save_total_limit`, never those in `keep`;
+    return the deleted."""
     if not save_total_limit or save_total_limit <= 0: return []
     cks, keep = list_checkpoints(output_dir), {Path(k).resolve() for k in keep if k}
     extra, gone = len(cks) - max(save_total_limit, len(keep & {c.resolve() for c in cks})), []
@@ -297,7 +321,8 @@ def rotate_checkpoints(output_dir, save_total_limit: int | None, keep=()) -> lis
 
 # %% ../nbs/05b_outputs.ipynb #2cdff262
 _LEFTOVER = re.compile(rf'(?:{re.escape(STAGING)}|{re.escape(TRASH)})-.+'
-                       rf'|\.trash-(?:{PREFIX_CHECKPOINT_DIR}-\d+|lora_adapter|final_model|metrics\.jsonl|loss_curve\.png)-\d+-\d+')
+                       rf'|\.trash-(?:{PREFIX_CHECKPOINT_DIR}-\d+'
+                       r'|lora_adapter|final_model|metrics\.jsonl|loss_curve\.png)-\d+-\d+')
 
 def clean_leftovers(output_dir) -> list[str]:
     "Delete the staging and trash entries that interrupted qlora_nb commands left in `output_dir`; return their names."

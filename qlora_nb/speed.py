@@ -29,7 +29,8 @@ def chunked_lm_loss(hidden,  # (B, T, d): the last hidden states
                     labels,  # (B, T) unshifted labels, -100 where not trained
                     num_items_in_batch=None,  # the Trainer's count of trained tokens in the whole step
                     chunk: int = CE_CHUNK):
-    "Next-token cross-entropy through `lm_head`, `chunk` tokens at a time, each chunk's logits recomputed in the backward."
+    """Next-token cross-entropy through `lm_head`, `chunk` tokens at a time, each chunk's logits recomputed in the
+    backward."""
     shift = F.pad(labels, (0, 1), value=-100)[..., 1:]
     keep = shift != -100
     h, y = hidden[keep], shift[keep]  # only the positions that are trained
@@ -37,7 +38,8 @@ def chunked_lm_loss(hidden,  # (B, T, d): the last hidden states
     total = 0.0
     for i in range(0, y.numel(), chunk):
         args = (h[i:i + chunk], lm_head, y[i:i + chunk])
-        total = total + (checkpoint(_chunk_ce, *args, use_reentrant=False) if torch.is_grad_enabled() else _chunk_ce(*args))
+        total = total + (checkpoint(_chunk_ce, *args, use_reentrant=False) if torch.is_grad_enabled()
+                         else _chunk_ce(*args))
     n = num_items_in_batch if num_items_in_batch is not None else y.numel()
     return total / (n.to(total.device) if torch.is_tensor(n) else n)
 
@@ -59,10 +61,13 @@ def use_chunked_loss(model, chunk: int = CE_CHUNK):
     full = lm.forward
 
     def forward(input_ids=None, attention_mask=None, position_ids=None, labels=None, num_items_in_batch=None, **kwargs):
-        if labels is None: return full(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, **kwargs)
+        if labels is None:
+            return full(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, **kwargs)
         for k in ('logits_to_keep', 'return_dict', 'use_cache'): kwargs.pop(k, None)
-        out = lm.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False, **kwargs)
-        return CausalLMOutputWithPast(loss=chunked_lm_loss(out.last_hidden_state, lm.lm_head, labels, num_items_in_batch, chunk))
+        out = lm.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False,
+                       **kwargs)
+        return CausalLMOutputWithPast(loss=chunked_lm_loss(out.last_hidden_state, lm.lm_head, labels,
+                                                           num_items_in_batch, chunk))
     lm.forward = forward
     return model
 
@@ -71,7 +76,8 @@ GiB = 2**30
 
 @dataclass
 class MemoryModel:
-    "Peak GPU memory of a row: `fixed + tokens x (row + n x kept_in + (layers - n) x kept_all)` with n layers recomputed."
+    """Peak GPU memory of a row: `fixed + tokens x (row + n x kept_in + (layers - n) x kept_all)` with n layers
+    recomputed."""
     budget: float  # bytes the run may fill (a margin for the CUDA context and fragmentation already taken off)
     fixed: float  # bytes that do not grow with the row: weights, adapters, gradients, optimizer states, a loss chunk
     row: float  # bytes per token outside the layers (a layer being recomputed, gradients in flight)
@@ -105,7 +111,8 @@ def memory_model(model, config, budget_gib: float, chunk: int | None = CE_CHUNK,
     if config.lora_config.lora_dropout > 0:  # each adapted layer keeps its dropped-out input (and the mask)
         layer = decoder_layers(model)[0]
         kept_all += 3 * sum(m.in_features for m in layer.modules() if hasattr(m, 'lora_A') and len(m.lora_A))
-    row = (8 * d if compiled else 1.6 * kept_all) + (0 if chunk else V * 10)  # without chunks: all logits, float32, grad
+    # in flight; without chunks also every token's logits, their float32 copy, gradient
+    row = (8 * d if compiled else 1.6 * kept_all) + (0 if chunk else V * 10)
     return MemoryModel(usable_bytes(budget_gib), fixed, row, kept_all, 4 * d, L)
 
 # %% ../nbs/05a_speed.ipynb #e7448674
@@ -117,7 +124,8 @@ def checkpoint_layers(model, n: int) -> int:
     "Recompute the first `n` decoder layers in the backward pass and keep the others' activations; return `n`."
     layers = decoder_layers(model)
     if n and not all(hasattr(l, '_gradient_checkpointing_func') for l in layers):
-        raise ValueError('checkpoint_layers: checkpointing is not set up on this model (add_lora(..., checkpointing=True))')
+        raise ValueError('checkpoint_layers: checkpointing is not set up on this model '
+                         '(add_lora(..., checkpointing=True))')
     for i, layer in enumerate(layers): layer.gradient_checkpointing = i < n
     return n
 
@@ -139,7 +147,8 @@ def liger_problem(model) -> str | None:
     "Why Liger's kernels cannot be used on `model` here, or None."
     lm = _causal_lm(model)
     if input_device(model).type != 'cuda': return 'Liger kernels run on a CUDA GPU only'
-    if getattr(lm.config, 'model_type', None) != 'qwen2': return f'Liger is wired here for qwen2 models, not {lm.config.model_type}'
+    if getattr(lm.config, 'model_type', None) != 'qwen2':
+        return f'Liger is wired here for qwen2 models, not {lm.config.model_type}'
     try: import liger_kernel.transformers  # noqa: F401
     except Exception as e: return f'liger-kernel is not usable ({type(e).__name__}: {str(e)[:120]})'
     return None
@@ -173,7 +182,8 @@ class SpeedPlan:
     tokens_per_row: int | None = None  # most tokens in one packed row
     attention: str | None = None  # the attn_implementation the model gets; None: as loaded
     compile: bool = False
-    checkpointing: str | int = 'trainer'  # 'trainer' (training_args), 'auto' (per row, from `memory`), or layers recomputed
+    # 'trainer' (training_args), 'auto' (per row, from `memory`), or layers recomputed
+    checkpointing: str | int = 'trainer'
     lean_prep: bool = False
     chunked_loss: bool = False
     liger: bool = False
@@ -197,11 +207,13 @@ class SpeedPlan:
         ck = {'auto': 'per row', 0: 'none'}.get(self.checkpointing, f'{self.checkpointing} layers')
         return (f"packing {f'rows of <= {self.tokens_per_row:,} tokens' if self.packing else 'off'}; attention "
                 f"{self.attention}; compile {'on' if self.compile else 'off'}; checkpointing {ck}; "
-                f"{'lean' if self.lean_prep else 'float32'} k-bit prep; loss {'chunked' if self.chunked_loss else 'full'}"
-                f"{'; Liger' if self.liger else ''}" + (f'; budget {self.memory_budget_gib} GiB' if self.memory_budget_gib else ''))
+                f"{'lean' if self.lean_prep else 'float32'} k-bit prep; loss "
+                f"{'chunked' if self.chunked_loss else 'full'}{'; Liger' if self.liger else ''}"
+                + (f'; budget {self.memory_budget_gib} GiB' if self.memory_budget_gib else ''))
 
 def _gc_arg(config) -> bool:
-    return bool(config.training_args.get('gradient_checkpointing') or config.training_args.get('activation_checkpointing'))
+    return bool(config.training_args.get('gradient_checkpointing')
+                or config.training_args.get('activation_checkpointing'))
 
 def wants_checkpointing(config) -> bool:
     "Whether `train` sets gradient checkpointing up (for all layers, or for some of them per row)."
@@ -233,9 +245,10 @@ def speed_plan(config, model, lengths: list[int], examples_per_step: int) -> Spe
     L, longest = len(decoder_layers(model)), max(lengths, default=config.data.max_length)
     ck = t.checkpointing
     if ck == 'auto': ck = 'auto' if cuda and not fsdp else 'all' if _gc_arg(config) else 'none'
-    elif (ck in ('none', 0)) == _gc_arg(config) and {'gradient_checkpointing', 'activation_checkpointing'} & set(config.training_args):
-        p.notes.append(f'training.checkpointing: {ck} (in the fast style it decides; training_args.gradient_checkpointing '
-                       'is what style: seed uses)')
+    elif (ck in ('none', 0)) == _gc_arg(config) and (
+            {'gradient_checkpointing', 'activation_checkpointing'} & set(config.training_args)):
+        p.notes.append(f'training.checkpointing: {ck} (in the fast style it decides; '
+                       'training_args.gradient_checkpointing is what style: seed uses)')
     p.checkpointing = L if ck == 'all' else 0 if ck == 'none' else ck if ck == 'auto' else min(ck, L)
     if cuda:
         p.memory_budget_gib = round(_budget_gib(config, dev), 2)
@@ -245,14 +258,15 @@ def speed_plan(config, model, lengths: list[int], examples_per_step: int) -> Spe
         n = L if p.checkpointing == 'auto' else p.checkpointing
         fits = lambda T: p.memory is None or p.memory.peak(T, n) <= p.memory.budget
         # sdpa (and eager) keep packed examples apart with a mask over the whole row: attention grows with its square
-        cap = max(_round_up(longest, 64), (4096 if cuda else 1024) if p.attention in ('sdpa', 'eager') else ROW_SIZES[0])
+        cap = max(_round_up(longest, 64), (4096 if cuda else 1024) if p.attention in ('sdpa', 'eager')
+                  else ROW_SIZES[0])
         sizes = sorted({*ROW_SIZES, _round_up(longest, 64)}, reverse=True)
         T = t.tokens_per_row or next((T for T in sizes if longest <= T <= cap and fits(T)), None)
         if T is None:
             T = longest
             p.notes.append(f'memory: a row of {longest:,} tokens (the longest example) needs about '
-                           f'{p.memory.peak(longest, n) / GiB:.1f} GiB with {n} of {L} layers recomputed, more than the '
-                           f'{p.memory_budget_gib} GiB budget allows; training may run out of memory')
+                           f'{p.memory.peak(longest, n) / GiB:.1f} GiB with {n} of {L} layers recomputed, more than '
+                           f'the {p.memory_budget_gib} GiB budget allows; training may run out of memory')
         p.tokens_per_row = T if t.tokens_per_row else max(longest, min(T, _round_up(step, 64)))
     if p.checkpointing == 'auto':
         full = p.tokens_per_row or longest
@@ -263,7 +277,8 @@ def speed_plan(config, model, lengths: list[int], examples_per_step: int) -> Spe
 # %% ../nbs/05a_speed.ipynb #ead98f69
 def _probe(model, plan: SpeedPlan, dtype):
     "One forward and backward pass on a small packed batch, so that a kernel that fails fails before training."
-    batch = PackCollator(0)([{'input_ids': list(range(10, 10 + n)), 'labels': list(range(10, 10 + n))} for n in (96, 160)])
+    batch = PackCollator(0)([{'input_ids': list(range(10, 10 + n)), 'labels': list(range(10, 10 + n))}
+                             for n in (96, 160)])
     dev = input_device(model)
     inputs = {k: v.to(dev) for k, v in batch.items() if torch.is_tensor(v)}
     if model.config._attn_implementation == VARLEN: inputs.update(varlen_kwargs(batch[ROWS], 256, dev))
@@ -283,7 +298,8 @@ def apply_speed(model, plan: SpeedPlan, dtype=None):
     if plan.style == 'seed': return model
     use_packing(model)
     base = _causal_lm(model)
-    if plan.attention and base.config._attn_implementation != plan.attention: base.set_attn_implementation(plan.attention)
+    if plan.attention and base.config._attn_implementation != plan.attention:
+        base.set_attn_implementation(plan.attention)
     if plan.liger: plan.undo.append(apply_liger(model))
     if plan.chunked_loss: use_chunked_loss(model)
     if (n := plan.layers_for(plan.tokens_per_row or 0)) is not None: checkpoint_layers(model, n)
@@ -314,29 +330,38 @@ def is_oom(e: BaseException) -> bool:
 
 def oom_advice(args: TrainingArguments, max_length: int, plan=None) -> str:
     "What to change after a CUDA out-of-memory error, naming the sizes in play (`args` as the config sets them)."
-    bs, ga, gc_on = args.per_device_train_batch_size, args.gradient_accumulation_steps, bool(args.gradient_checkpointing)
+    bs, ga, gc_on = (args.per_device_train_batch_size, args.gradient_accumulation_steps,
+                     bool(args.gradient_checkpointing))
     fast = plan is not None and plan.style == 'fast'
     gpu = 'no CUDA device'
     if torch.cuda.is_available():
         i, g = torch.cuda.current_device(), 2**30
-        gpu = (f'{torch.cuda.get_device_name(i)}: {torch.cuda.memory_allocated(i)/g:.1f} GiB allocated (peak {torch.cuda.max_memory_allocated(i)/g:.1f}) '
-               f'of {torch.cuda.get_device_properties(i).total_memory/g:.1f} GiB')
+        gpu = (f'{torch.cuda.get_device_name(i)}: {torch.cuda.memory_allocated(i)/g:.1f} GiB allocated (peak '
+               f'{torch.cuda.max_memory_allocated(i)/g:.1f}) of '
+               f'{torch.cuda.get_device_properties(i).total_memory/g:.1f} GiB')
     tips = []
     if fast:  # a step's examples are packed into rows: the row length and the recomputed layers decide the memory
         if plan.packing and plan.tokens_per_row and plan.tokens_per_row > max_length:
-            tips.append(f'training.tokens_per_row={max(max_length, plan.tokens_per_row // 2)} (shorter rows, the same steps)')
+            tips.append(f'training.tokens_per_row={max(max_length, plan.tokens_per_row // 2)} '
+                        '(shorter rows, the same steps)')
         if plan.checkpointing == 'auto' and plan.memory_budget_gib:
-            tips.append(f'training.memory_budget_gib={plan.memory_budget_gib * 0.8:.0f} (what else holds GPU memory is not '
-                        'in the plan: plan for less; more layers are recomputed)')
-        elif plan.checkpointing != 'auto': tips.append('training.checkpointing=all (recompute every layer in the backward pass)')
+            tips.append(f'training.memory_budget_gib={plan.memory_budget_gib * 0.8:.0f} '
+                        '(what else holds GPU memory is not in the plan: plan for less; more layers are recomputed)')
+        elif plan.checkpointing != 'auto':
+            tips.append('training.checkpointing=all (recompute every layer in the backward pass)')
     else:
-        if bs > 1: tips.append(f'training_args.per_device_train_batch_size={max(1, bs // 2)} training_args.gradient_accumulation_steps={ga * bs // max(1, bs // 2)} '
+        if bs > 1: tips.append(f'training_args.per_device_train_batch_size={max(1, bs // 2)} '
+                               f'training_args.gradient_accumulation_steps={ga * bs // max(1, bs // 2)} '
                                '(same effective batch, half the activations)')
-        if not gc_on: tips.append('training_args.gradient_checkpointing=true (recompute activations in the backward pass: ~30% slower, much less memory)')
-    tips.append(f'data.max_length={max(64, max_length // 2)} (activations grow with the sequence length; longer examples are cut or dropped as data.truncation says)')
+        if not gc_on: tips.append('training_args.gradient_checkpointing=true '
+                                  '(recompute activations in the backward pass: ~30% slower, much less memory)')
+    tips.append(f'data.max_length={max(64, max_length // 2)} (activations grow with the sequence length; '
+                'longer examples are cut or dropped as data.truncation says)')
     tips.append('a smaller lora_config.r or fewer lora_config.target_modules')
     return ('CUDA ran out of memory during training.\n'
             f'  per_device_train_batch_size: {bs}, gradient_accumulation_steps: {ga} (effective batch {bs * ga}), '
-            f'data.max_length: {max_length}, ' + (f'{plan.summary()}' if fast else f'gradient_checkpointing: {str(gc_on).lower()}') +
+            f'data.max_length: {max_length}, '
+            + (f'{plan.summary()}' if fast else f'gradient_checkpointing: {str(gc_on).lower()}') +
             f'\n  GPU: {gpu}\n'
-            'Try, in this order (as overrides: qlora_nb_train config.yaml key=value ...):\n' + '\n'.join(f'  - {t}' for t in tips))
+            'Try, in this order (as overrides: qlora_nb_train config.yaml key=value ...):\n'
+            + '\n'.join(f'  - {t}' for t in tips))

@@ -205,7 +205,7 @@ def build_tiny_model(out_dir,  # where to write config.json, generation_config.j
 # %% ../nbs/90_tiny.ipynb #1f85e035
 def logged_values(output_dir) -> list[tuple]:
     "(step, name, value) of the train loss, gradient norm and eval loss lines of `output_dir/metrics.jsonl`."
-    from qlora_nb.train import METRICS, read_metrics
+    from qlora_nb.metrics import METRICS, read_metrics
     return [(r['step'], k, r[k]) for r in read_metrics(Path(output_dir)/METRICS) for k in ('loss', 'grad_norm', 'eval_loss') if k in r]
 
 def adapter_diff(dir_a, dir_b) -> float:

@@ -4,55 +4,48 @@
 
 # %% ../nbs/05_train.ipynb #27898a28
 from __future__ import annotations
-import contextlib, dataclasses, hashlib, json, logging, math, os, platform, re, shutil, subprocess, sys, time
+import contextlib, dataclasses, json, logging, os, shutil, sys, time
 from dataclasses import dataclass
-from importlib import metadata
 from pathlib import Path
 import torch
 import transformers
-from transformers import Trainer, TrainerCallback, TrainerState, TrainingArguments
+from transformers import Trainer, TrainerState, TrainingArguments
 from transformers.trainer_callback import ProgressCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
-from .config import Config, QloraError, EXIT_TRAIN, EXIT_INTERRUPTED, check_training_args, option
+from .config import Config, check_training_args, option
 from .chatml import PadCollator, examples
-from .data import DataError, dataset_sha256, resolve_sources
 from .model import compute_dtype, free_memory, load_tokenizer, load_model
 from .lora import add_lora
-from .distributed import (check_distributed, check_launch, check_resume_launch, check_shared_output, distributed_args,
-                                  is_main, save_adapter)
+from .distributed import (check_distributed, check_launch, check_resume_launch, check_shared_output,
+                                  distributed_args, is_main, save_adapter)
 from .packing import PackCollator, PackedTrainerMixin, example_lengths
-from .speed import SpeedPlan, is_oom, apply_speed, checkpoint_layers, oom_advice, speed_plan, wants_checkpointing
-from .outputs import (LOCK, OUTPUT_MANIFEST, RUN_INFO, STAGING, TRASH, checkpoint_problems, checkpoint_step, clean_leftovers,
-                              natural_key, discard_dir, find_last_checkpoint, forget_outputs, list_checkpoints, output_lock,
-                              owned_outputs, publish_dir, record_outputs, rotate_checkpoints, sha256_file, write_checksums)
+from .speed import (SpeedPlan, is_oom, apply_speed, checkpoint_layers, oom_advice, speed_plan,
+                            wants_checkpointing)
+from .outputs import (RUN_INFO, STAGING, clean_leftovers, list_checkpoints, output_lock, publish_dir,
+                              record_outputs, rotate_checkpoints, write_checksums)
+from .resume import (TrainError, TrainInterrupted, base_model_info, check_not_past, check_resume,
+                             finished_step, interrupted_message, published_step, resolve_resume,
+                             run_fingerprint)
+from .metrics import (METRICS, MetricsLogger, NonFiniteGuard, diverged, nonfinite_tensors, plot_loss_curve,
+                              read_metrics, summarize_metrics)
+from .report import report_examples, run_manifest
 
 _log = logging.getLogger(__name__)
 
 # %% auto #0
-__all__ = ['OUTPUTS', 'TRAIN_OUTPUTS', 'FINGERPRINT_ARGS', 'STOP_ARGS', 'SHAPE_KEYS', 'KEPT_FROM_CHECKPOINT', 'METRICS',
-           'LIBRARIES', 'DROP_WARN', 'TrainError', 'TrainInterrupted', 'QLoRATrainer', 'resolve_resume',
-           'base_model_info', 'run_fingerprint', 'fingerprint_changes', 'check_resume', 'training_arguments',
-           'read_metrics', 'MetricsLogger', 'plot_loss_curve', 'diverged', 'NonFiniteGuard', 'nonfinite_tensors',
-           'align_config_tokens', 'QuietEvalProgress', 'setup_training', 'library_versions', 'source_commit',
-           'report_dict', 'run_manifest', 'summarize_metrics', 'TrainResult', 'report_examples', 'train']
-
-# %% ../nbs/05_train.ipynb #4d658fbe
-class TrainError(QloraError, RuntimeError):
-    "Training or export stopped; the message says why and what to do."
-    exit_code = EXIT_TRAIN
-
-class TrainInterrupted(TrainError):
-    "Training stopped by Ctrl-C; the message names the checkpoint that rerunning the same command resumes from."
-    exit_code = EXIT_INTERRUPTED
+__all__ = ['QLoRATrainer', 'training_arguments', 'align_config_tokens', 'QuietEvalProgress', 'setup_training', 'TrainResult',
+           'train']
 
 # %% ../nbs/05_train.ipynb #c263eae2
 class QLoRATrainer(PackedTrainerMixin, Trainer):
-    "A `Trainer` whose checkpoints appear atomically and verifiably, that stops on a non-finite loss, and that trains packed rows."
+    """A `Trainer` whose checkpoints appear atomically and verifiably, that stops on a non-finite loss, and that
+    trains packed rows."""
     run_info: dict | None = None  # written into each checkpoint as qlora_nb_run.json (`train` sets it)
     _staging_name: str | None = None
 
     def staging_dir(self, run_dir) -> Path:
-        "The folder saves are written to before they are published: `run_dir/.qlora_nb-staging-<pid of the main process>`."
+        """The folder saves are written to before they are published:
+        `run_dir/.qlora_nb-staging-<pid of the main process>`."""
         if self._staging_name is None:
             name = [f'{STAGING}-{os.getpid()}']
             if self.accelerator.num_processes > 1:
@@ -76,8 +69,10 @@ class QLoRATrainer(PackedTrainerMixin, Trainer):
             best = self.state.best_global_step
             if best and (best == self.state.global_step or (run_dir/f'{PREFIX_CHECKPOINT_DIR}-{best}').is_dir()):
                 self.state.best_model_checkpoint = str(run_dir/f'{PREFIX_CHECKPOINT_DIR}-{best}')
-                self.state.save_to_json(str(staging/name/'trainer_state.json'))  # the staging path must not be remembered
-            if self.run_info is not None: (staging/name/RUN_INFO).write_text(json.dumps(self.run_info, indent=1, ensure_ascii=False))
+                # the staging path must not be remembered
+                self.state.save_to_json(str(staging/name/'trainer_state.json'))
+            if self.run_info is not None:
+                (staging/name/RUN_INFO).write_text(json.dumps(self.run_info, indent=1, ensure_ascii=False))
             write_checksums(staging/name)
             record_outputs(run_dir, name)
             final = publish_dir(staging/name, run_dir/name)
@@ -97,173 +92,6 @@ class QLoRATrainer(PackedTrainerMixin, Trainer):
             raise TrainError(diverged(self.args.output_dir, self.state.global_step + 1, what))
         return loss
 
-# %% ../nbs/05_train.ipynb #2e55e72e
-OUTPUTS = ('lora_adapter', 'final_model', 'metrics.jsonl', 'loss_curve.png', 'runs', 'eval')  # what qlora_nb writes, besides checkpoint-N
-TRAIN_OUTPUTS = ('lora_adapter', 'metrics.jsonl', 'loss_curve.png', 'runs')  # what training writes, besides checkpoint-N
-_FINISHED = ('lora_adapter', 'final_model', 'eval')  # outputs of a finished run: replaced only with --overwrite
-_INTERNAL = re.compile(rf'{re.escape(LOCK)}|{re.escape(OUTPUT_MANIFEST)}(?:\.tmp)?|(?:{re.escape(STAGING)}|{re.escape(TRASH)})-.+')
-
-def _listing(out: Path) -> list[str]:
-    "The entries of `out` other than qlora_nb's own bookkeeping, in natural order."
-    return sorted((p.name for p in out.iterdir() if not _INTERNAL.fullmatch(p.name)), key=natural_key) if out.is_dir() else []
-
-def _data_files(spec) -> list[Path]:
-    "The files of a data path (a file, folder, glob or list); none when they cannot be found (reading the data says why)."
-    try: return [] if spec is None else [s.path for s in resolve_sources(spec)]
-    except DataError: return []
-
-def _inputs(config: Config) -> list[Path]:
-    "The files a run reads: never deleted or written over, whatever they are called."
-    ps = [*_data_files(config.dataset_path), *_data_files(config.data.eval_dataset_path), config.config_path, config.model_name_or_path]
-    return [Path(p).resolve() for p in ps if p and Path(p).exists()]
-
-def _holds_input(entry: Path, inputs: list[Path]) -> Path | None:
-    e = entry.parent.resolve()/entry.name  # the entry itself, not what a link points to
-    return next((p for p in inputs if p == e or e in p.parents), None)
-
-def _remove(out: Path, names: list[str]):
-    for n in names: discard_dir(out/n)
-    forget_outputs(out, *names)
-
-def resolve_resume(config: Config, overwrite: bool = False) -> Path | None:
-    "The checkpoint to resume from (None: start fresh); removes qlora_nb's old outputs when `overwrite`; raises `TrainError` rather than overwrite."
-    out, r = Path(config.output_dir), config.resume_from_checkpoint
-    owned, listing, inputs = owned_outputs(out), _listing(out), _inputs(config)
-    named = [n for n in listing if n in TRAIN_OUTPUTS or checkpoint_step(n) is not None]
-    foreign = [n for n in named if n not in owned]
-    held = {n: p for n in named if (p := _holds_input(out/n, inputs))}
-    if foreign or held:
-        msg = []
-        if foreign: msg.append(f'{out} holds {", ".join(foreign)}, named like the outputs of a run but not written by qlora_nb '
-                               f'(not listed in {OUTPUT_MANIFEST})')
-        if held: msg.append(', '.join(f'{n} holds {p}, an input of this run' for n, p in held.items()))
-        raise TrainError('; '.join(msg) + f'. qlora_nb never writes over or deletes what it did not write, with or without {option("overwrite")}: '
-                         'move them out of the folder, or choose another output_dir. (Outputs of a qlora_nb version without the manifest '
-                         f'can be claimed with qlora_nb.train.record_outputs(output_dir, name, ...).)')
-    if overwrite:
-        if owned and is_main():
-            others = [n for n in listing if n not in owned]
-            print(f'overwrite: removing {", ".join(owned)} (written by qlora_nb) in {out}' +
-                  (f'; leaving {", ".join(others)} (not written by qlora_nb)' if others else ''))
-            _remove(out, owned)
-        return None
-    if isinstance(r, (str, Path)) and not isinstance(r, bool):
-        if probs := checkpoint_problems(r):
-            raise TrainError(f'resume_from_checkpoint: cannot resume from {r}: ' + '; '.join(probs) +
-                             f'. Point it at a complete checkpoint-N folder, or set resume_from_checkpoint: true for the newest sound one in {out}')
-        if is_main(): print(f'Resuming from {r}')
-        return Path(r)
-    if r and (last := find_last_checkpoint(out)):
-        if is_main(): print(f'Resuming from {last} (the newest complete checkpoint in {out})')
-        return last
-    ckpts, done = [n for n in owned if checkpoint_step(n) is not None], [n for n in owned if n in _FINISHED]
-    if ckpts or done or (owned and not r):
-        why = ('resume_from_checkpoint is false' if not r else
-               'none of its checkpoints is sound (see the warnings above)' if ckpts else 'it has no complete checkpoint to resume from')
-        raise TrainError(f'{out} already holds {", ".join(owned)} from an earlier run and {why}: pass {option("overwrite")} '
-                         'to delete them and start again' + ('' if r else ', or set resume_from_checkpoint: true to continue from the newest checkpoint'))
-    if owned:
-        if is_main():
-            print(f'{out}: starting fresh; removing {", ".join(owned)}, left by a run that stopped before its first checkpoint')
-            _remove(out, owned)
-    elif r: print(f'No checkpoint in {out}: starting fresh')
-    return None
-
-# %% ../nbs/05_train.ipynb #ec3c6603
-# TrainingArguments that change the weights
-FINGERPRINT_ARGS = ('learning_rate', 'lr_scheduler_type', 'lr_scheduler_kwargs', 'warmup_steps', 'warmup_ratio', 'weight_decay', 'optim',
-                    'optim_args', 'adam_beta1', 'adam_beta2', 'adam_epsilon', 'max_grad_norm', 'per_device_train_batch_size',
-                    'gradient_accumulation_steps', 'seed', 'data_seed', 'bf16', 'fp16', 'group_by_length', 'dataloader_drop_last',
-                    'label_smoothing_factor', 'neftune_noise_alpha', 'average_tokens_across_devices')
-STOP_ARGS = ('max_steps', 'num_train_epochs')  # may change on resume: they say when to stop
-SHAPE_KEYS = ('lora_config.r', 'lora_config.target_modules', 'lora_config.use_dora', 'lora_config.bias', 'base_model.id',
-              'training_args.optim')  # a checkpoint cannot be loaded across these
-KEPT_FROM_CHECKPOINT = ('training_args.learning_rate', 'training_args.weight_decay', 'training_args.adam_beta1',
-                        'training_args.adam_beta2', 'training_args.adam_epsilon')  # restored with the optimizer and scheduler states
-_NOT_COMPARED = ('dataset.path', 'eval_dataset.path', 'data.eval_dataset_path', 'data.cache_dir', 'base_model.name_or_path', 'base_model.source',
-                 'base_model.sha256', 'base_model.revision', 'stop.')
-
-def _jsonable(x): return json.loads(json.dumps(x, default=str))
-
-def base_model_info(config: Config) -> dict:
-    "Where the base model comes from and what identifies it (`id`): file hashes of a local folder, or the Hub commit cached here."
-    name = str(config.model_name_or_path)
-    p = Path(name)
-    if p.is_dir():
-        files = ['config.json'] + [f for f in ('model.safetensors.index.json', 'pytorch_model.bin.index.json') if (p/f).is_file()]
-        if len(files) == 1: files += sorted(f.name for f in p.glob('*.safetensors'))  # one weight file and no index: hash the weights
-        sha = {f: sha256_file(p/f) for f in files if (p/f).is_file()}
-        return {'name_or_path': str(p.resolve()), 'source': 'local', 'sha256': sha,
-                'id': hashlib.sha256(json.dumps(sha, sort_keys=True).encode()).hexdigest()}
-    info = {'name_or_path': name, 'source': 'hub', 'revision': None, 'id': name}
-    try:
-        from huggingface_hub import try_to_load_from_cache
-        f = try_to_load_from_cache(name, 'config.json')
-        if isinstance(f, str): info.update(revision=Path(f).parent.name, id=f'{name}@{Path(f).parent.name}')
-    except Exception: pass  # no cache, or an odd one: the id alone
-    return info
-
-def _template_sha(tokenizer) -> str | None:
-    tpl = getattr(tokenizer, 'chat_template', None)
-    return hashlib.sha256(tpl.encode()).hexdigest() if isinstance(tpl, str) else None
-
-def run_fingerprint(config: Config, tokenizer, args: TrainingArguments, base_model: dict | None = None) -> dict:
-    "What decides the weights a checkpoint holds: data and template hashes, base model, LoRA, data and optimisation settings."
-    ta, cd, ev = args.to_dict(), config.to_dict(), config.data.eval_dataset_path
-    return _jsonable({'dataset': {'path': str(config.dataset_path), 'sha256': dataset_sha256(config.dataset_path, config.data.cache_dir)},
-                      'eval_dataset': {'path': str(ev), 'sha256': dataset_sha256(ev, config.data.cache_dir)} if ev else None,
-                      'chat_template_sha256': _template_sha(tokenizer), 'base_model': base_model or base_model_info(config),
-                      'quantization_config': cd['quantization_config'], 'lora_config': cd['lora_config'], 'data': cd['data'],
-                      'training_args': {k: ta[k] for k in FINGERPRINT_ARGS if k in ta}, 'world_size': args.world_size,
-                      'stop': {k: ta.get(k) for k in STOP_ARGS}})
-
-def _flat(d, prefix='') -> dict:
-    if not isinstance(d, dict): return {prefix.rstrip('.'): d}
-    return {k: v for key, val in d.items() for k, v in _flat(val, f'{prefix}{key}.').items()} or {prefix.rstrip('.'): {}}
-
-def _known(flat: dict, k: str) -> bool:
-    return any(x == k or x.startswith(k + '.') or k.startswith(x + '.') for x in flat)
-
-def fingerprint_changes(old: dict, new: dict) -> list[tuple]:
-    "(key, old value, new value) for each setting that differs between two fingerprints (not where files live, not when to stop)."
-    a, b = _flat(old), _flat(new)
-    return [(k, a.get(k), b.get(k)) for k in sorted(a.keys() | b.keys(), key=natural_key)  # a setting one version does not record
-            if a.get(k) != b.get(k) and not k.startswith(_NOT_COMPARED) and _known(a, k) and _known(b, k)]  # is not a change
-
-# %% ../nbs/05_train.ipynb #9b73d056
-def _show(key, value, fp) -> str:
-    if key in ('dataset.sha256', 'eval_dataset.sha256') and value:
-        return f"{(fp.get(key.split('.')[0]) or {}).get('path')} (sha256 {value[:12]})"
-    return repr(value)
-
-def check_resume(resume, fingerprint: dict, allow_config_change: bool = False) -> list[dict]:
-    "Compare the settings checkpoint `resume` was trained with to `fingerprint`; refuse a difference unless allowed; return those allowed."
-    resume = Path(resume)
-    try: old = json.loads((resume/RUN_INFO).read_text())['fingerprint']
-    except FileNotFoundError:
-        print(f'note: {resume} has no {RUN_INFO} (another tool or an older qlora_nb wrote it): '
-              'its settings cannot be compared with this run\'s', file=sys.stderr)
-        return []
-    except (OSError, ValueError, KeyError, TypeError) as e: raise TrainError(f'{resume/RUN_INFO}: unreadable ({e})') from None
-    changes = fingerprint_changes(old, fingerprint)
-    if not changes: return []
-    lines = '\n'.join(f'  {k}: {_show(k, a, old)} -> {_show(k, b, fingerprint)}' for k, a, b in changes)
-    if shape := [k for k, *_ in changes if k.startswith(SHAPE_KEYS)]:
-        raise TrainError(f'cannot resume from {resume}: {", ".join(shape)} changed, and a checkpoint cannot be loaded into '
-                         f'another adapter shape or optimizer, even with allow_config_change. Changes:\n{lines}\n'
-                         f'Undo the change, or start again with {option("overwrite")} or in another output_dir')
-    if not allow_config_change:
-        raise TrainError(f'cannot resume from {resume}: it was trained with other settings than this run:\n{lines}\n'
-                         'Resuming would mix the two runs (and the checkpoint\'s learning rate and optimizer settings '
-                         'would stay in force). '
-                         f'Undo the change; or start again with {option("overwrite")} or in another output_dir; or, to continue '
-                         f'anyway, pass {option("allow_config_change")}')
-    kept = [k for k, *_ in changes if k in KEPT_FROM_CHECKPOINT]
-    print(f'warning: resuming from {resume} with changed settings:\n{lines}\n' +
-          (f'  {", ".join(kept)} keep the checkpoint\'s value (its optimizer and scheduler states are restored); ' if kept else '  ') +
-          'the other changes apply from the next step', file=sys.stderr)
-    return [{'key': k, 'checkpoint': a, 'now': b, 'applied': k not in KEPT_FROM_CHECKPOINT} for k, a, b in changes]
-
 # %% ../nbs/05_train.ipynb #35874b9f
 def _has_tensorboard():
     try: import tensorboard  # noqa: F401
@@ -277,7 +105,8 @@ def training_arguments(config: Config, has_eval: bool = True, compute_dtype: tor
     known = {f.name for f in dataclasses.fields(TrainingArguments)}
     gc = 'activation_checkpointing' if 'activation_checkpointing' in known else 'gradient_checkpointing'
     for old in ('gradient_checkpointing', 'gradient_checkpointing_kwargs'):
-        if old in ta and gc != 'gradient_checkpointing': ta.setdefault(old.replace('gradient', 'activation'), ta.pop(old))
+        if old in ta and gc != 'gradient_checkpointing':
+            ta.setdefault(old.replace('gradient', 'activation'), ta.pop(old))
     ta.setdefault('seed', 42)
     ta.setdefault('report_to', 'tensorboard' if _has_tensorboard() else 'none')
     if has_eval:
@@ -302,190 +131,53 @@ def training_arguments(config: Config, has_eval: bool = True, compute_dtype: tor
     ta.update(output_dir=str(config.output_dir), remove_unused_columns=False, prediction_loss_only=True)
     return TrainingArguments(**ta)
 
-# %% ../nbs/05_train.ipynb #42e7a206
-METRICS = 'metrics.jsonl'
-
-def read_metrics(path) -> list[dict]:
-    "The rows of a `metrics.jsonl` file ([] if there is none); a torn last line (a kill mid-write) is skipped."
-    p, rows = Path(path), []
-    if not p.is_file(): return rows
-    for line in p.read_text(encoding='utf-8').splitlines():
-        try: rows.append(json.loads(line))
-        except json.JSONDecodeError: pass
-    return rows
-
-class MetricsLogger(TrainerCallback):
-    "Append each log line of the `Trainer` to a JSONL file: step, epoch and the logged values."
-    def __init__(self, path): self.path = Path(path)
-
-    def on_train_begin(self, args, state, control, **kwargs):
-        if not state.is_world_process_zero: return
-        keep = [r for r in read_metrics(self.path) if r.get('step', 0) <= state.global_step]
-        tmp = self.path.with_name(self.path.name + '.tmp')
-        tmp.write_text(''.join(json.dumps(r) + '\n' for r in keep), encoding='utf-8')
-        os.replace(tmp, self.path)
-
-    def on_log(self, args, state, control, logs=None, **kwargs):
-        if not state.is_world_process_zero or not logs: return
-        with open(self.path, 'a', encoding='utf-8') as f: f.write(json.dumps({'step': state.global_step, 'epoch': state.epoch, **logs}) + '\n')
-
-# %% ../nbs/05_train.ipynb #0d3c5762
-def plot_loss_curve(rows: list[dict], path=None, marks: dict | None = None):
-    "Train and eval loss against step from `metrics.jsonl` rows, `marks` ({label: loss}) as dashed lines; saved to `path`."
-    from matplotlib.figure import Figure
-    fig = Figure(figsize=(6, 3.5))
-    ax = fig.add_subplot()
-    for key, style, label in (('loss', '-', 'train loss'), ('eval_loss', 'o-', 'eval loss')):
-        pts = [(r['step'], r[key]) for r in rows if key in r]
-        if pts: ax.plot(*zip(*pts), style, label=label)
-    for (label, v), c in zip((marks or {}).items(), ('grey', 'green', 'C3', 'C4')):
-        if v is not None and v == v: ax.axhline(v, ls='--', c=c, lw=1, label=f'{label}: {v:.3f}')
-    ax.set_xlabel('step'); ax.set_ylabel('loss'); ax.grid(alpha=0.3)
-    if ax.lines: ax.legend()
-    fig.tight_layout()
-    if path is not None: fig.savefig(path, dpi=100)
-    return fig
-
-# %% ../nbs/05_train.ipynb #27ebe425
-def diverged(output_dir, step: int, what: str) -> str:
-    "The message for training that went non-finite at `step`: what happened, the last good checkpoint, what to do."
-    last = find_last_checkpoint(output_dir)
-    where = f'the last good checkpoint is {last} (step {checkpoint_step(last)})' if last else 'no checkpoint had been saved yet'
-    return (f'training diverged at step {step}: {what}. Nothing of step {step} was saved; {where}. Lower training_args.learning_rate '
-            f'(or raise warmup_steps, keep max_grad_norm > 0) and start again with {option("overwrite")}')
-
-def _trainable(model) -> list[torch.Tensor]: return [p for p in model.parameters() if p.requires_grad]
-
-def _norm(ts) -> float:
-    ts = [t.detach().float() for t in ts if t is not None]
-    if not ts: return 0.0
-    return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(t).to(ts[0].device) for t in ts])).item()
-
-class NonFiniteGuard(TrainerCallback):
-    "Stop training with a `TrainError` when the gradient norm or the trained weights stop being finite."
-    def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
-        if args.fp16 or model is None: return
-        if not math.isfinite(g := _norm(p.grad for p in _trainable(model))):
-            raise TrainError(diverged(args.output_dir, state.global_step + 1, f'the gradient norm is {g}'))
-
-    def on_step_end(self, args, state, control, model=None, **kwargs):
-        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad] if model is not None else []
-        if not named: return
-        ok = torch.stack([torch.isfinite(p.detach()).all().to(named[0][1].device) for _, p in named])  # one sync, not one per tensor
-        if not ok.all().item():
-            bad = [n for (n, _), f in zip(named, ok.tolist()) if not f]
-            what = f'{len(bad)} trained tensors hold NaN or inf after the update ({bad[0]}, ...)'
-            raise TrainError(diverged(args.output_dir, state.global_step, what))
-
-# %% ../nbs/05_train.ipynb #08874da9
-def nonfinite_tensors(folder) -> list[str]:
-    "The names of the tensors in `folder`'s `*.safetensors` files that hold NaN or ±inf."
-    from safetensors import safe_open
-    bad = []
-    for f in sorted(Path(folder).glob('*.safetensors')):
-        with safe_open(str(f), 'pt') as sf: bad += [k for k in sf.keys() if not torch.isfinite(sf.get_tensor(k)).all()]
-    return bad
-
 # %% ../nbs/05_train.ipynb #7e410433
 def align_config_tokens(model, tokenizer):
-    "Give `model.config` the tokenizer's eos, pad and bos ids (the generation config keeps all its stop ids), so the `Trainer` finds nothing to realign."
+    """Give `model.config` the tokenizer's eos, pad and bos ids (the generation config keeps all its stop ids), so
+    the `Trainer` finds nothing to realign."""
     cfg, gen = model.config.get_text_config(), getattr(model, 'generation_config', None)
     eos = getattr(gen, 'eos_token_id', None)
     eos = eos if isinstance(eos, list) else [e for e in (eos, tokenizer.eos_token_id) if e is not None]
     if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in eos: eos = [tokenizer.eos_token_id, *eos]
-    if eos: cfg.eos_token_id = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else eos[0]  # one id, as Qwen's config.json
+    if eos: cfg.eos_token_id = (tokenizer.eos_token_id if tokenizer.eos_token_id is not None
+                                else eos[0])  # one id, as Qwen's config.json
     if gen is not None and eos: gen.eos_token_id = eos
-    for name in ('pad_token_id', 'bos_token_id'):  # None too: transformers before 5.2x realigns a bos the tokenizer lacks
+    # None too: transformers before 5.2x realigns a bos the tokenizer lacks
+    for name in ('pad_token_id', 'bos_token_id'):
         setattr(cfg, name, getattr(tokenizer, name))
         if gen is not None: setattr(gen, name, getattr(tokenizer, name))
     return model
 
 class QuietEvalProgress(ProgressCallback):
-    "transformers' progress bars, with the evaluation bar only when stderr is a terminal (in a log its redraws leave `[A` fragments)."
+    """transformers' progress bars, with the evaluation bar only when stderr is a terminal (in a log its redraws
+    leave `[A` fragments)."""
     def on_prediction_step(self, args, state, control, eval_dataloader=None, **kwargs):
-        if sys.stderr.isatty(): super().on_prediction_step(args, state, control, eval_dataloader=eval_dataloader, **kwargs)
+        if sys.stderr.isatty():
+            super().on_prediction_step(args, state, control, eval_dataloader=eval_dataloader, **kwargs)
 
 # %% ../nbs/05_train.ipynb #471232fe
 def setup_training(config: Config, tokenizer, train_ex, eval_ex=None, args: TrainingArguments | None = None,
                    callbacks=()) -> tuple[QLoRATrainer, SpeedPlan]:
-    "The `QLoRATrainer` (with the model) and `SpeedPlan` that `train` trains with; `args`: `training_arguments(config)`."
+    """The `QLoRATrainer` (with the model) and `SpeedPlan` that `train` trains with; `args`:
+    `training_arguments(config)`."""
     cd = compute_dtype(config.quantization_config)
     args = args or training_arguments(config, has_eval=bool(eval_ex), compute_dtype=cd)
     transformers.set_seed(args.seed)
     model = load_model(config, tokenizer)
     transformers.set_seed(args.seed)  # the adapter's initial weights depend on the seed alone
-    model = align_config_tokens(add_lora(model, config, seed=args.seed, checkpointing=wants_checkpointing(config)), tokenizer)
-    plan = speed_plan(config, model, example_lengths(train_ex), args.per_device_train_batch_size * args.gradient_accumulation_steps)
+    model = align_config_tokens(add_lora(model, config, seed=args.seed, checkpointing=wants_checkpointing(config)),
+                                tokenizer)
+    plan = speed_plan(config, model, example_lengths(train_ex),
+                      args.per_device_train_batch_size * args.gradient_accumulation_steps)
     apply_speed(model, plan, cd)
-    targs = training_arguments(config, has_eval=bool(eval_ex), compute_dtype=cd, plan=plan) if plan.style == 'fast' else args
-    collator = PackCollator(tokenizer.pad_token_id, plan.tokens_per_row) if plan.packing else PadCollator(tokenizer.pad_token_id)
+    targs = (training_arguments(config, has_eval=bool(eval_ex), compute_dtype=cd, plan=plan) if plan.style == 'fast'
+             else args)
+    collator = (PackCollator(tokenizer.pad_token_id, plan.tokens_per_row) if plan.packing
+                else PadCollator(tokenizer.pad_token_id))
     trainer = QLoRATrainer(model=model, args=targs, train_dataset=train_ex, eval_dataset=eval_ex or None,
                            data_collator=collator, processing_class=tokenizer, callbacks=list(callbacks))
     if plan.checkpointing == 'auto': trainer.row_hook = lambda tokens: checkpoint_layers(model, plan.layers_for(tokens))
     return trainer, plan
-
-# %% ../nbs/05_train.ipynb #396c28e1
-LIBRARIES = ('torch', 'transformers', 'peft', 'bitsandbytes', 'accelerate', 'datasets', 'tokenizers', 'safetensors', 'numpy', 'qlora_nb')
-
-def library_versions() -> dict:
-    "Installed versions of Python and of the libraries a run depends on."
-    out = {'python': platform.python_version()}
-    for name in LIBRARIES:
-        try: out[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            try: out[name] = getattr(__import__(name), '__version__', None)
-            except ImportError: out[name] = None
-    return out
-
-def source_commit() -> dict | None:
-    "The git commit of the qlora_nb source in use, when it runs from a git checkout; `dirty` if its code has uncommitted changes."
-    import qlora_nb
-    root = Path(qlora_nb.__file__).resolve().parent.parent
-    if not (root/'.git').exists(): return None
-    def git(*a): return subprocess.run(['git', '-C', str(root), *a], capture_output=True, text=True, timeout=20)
-    try:
-        head, st = git('rev-parse', 'HEAD'), git('status', '--porcelain', '--untracked-files=no', '--', 'qlora_nb', 'nbs')
-    except (OSError, subprocess.SubprocessError): return None
-    return {'commit': head.stdout.strip(), 'dirty': bool(st.stdout.strip())} if head.returncode == 0 else None
-
-def report_dict(rep) -> dict:
-    "An `EncodeReport` as JSON: counts, and the first 20 records cut or dropped."
-    return _jsonable({'records': rep.n_records, 'examples': rep.n_examples, 'max_length': rep.max_length, 'truncation': rep.truncation,
-                      'cut': len(rep.cut), 'dropped': len(rep.dropped), 'turns_lost': rep.turns_lost, 'cut_records': rep.cut[:20],
-                      'dropped_records': [f'{w}: {r}' for w, r in rep.dropped[:20]], 'audit': rep.audit})
-
-def run_manifest(config: Config, tokenizer, metrics: dict | None = None, merge_check: dict | None = None, *,
-                 args: TrainingArguments | None = None, reports: dict | None = None, base_model: dict | None = None,
-                 global_step: int | None = None, resumed_from=None, config_changes: list | None = None, adapter_dir=None,
-                 speed: dict | None = None) -> dict:
-    "How a run was made: config, TrainingArguments, speed plan, base model, versions, source, data, encoding, resume, metrics, merge check."
-    ev = config.data.eval_dataset_path
-    base = dict(base_model or base_model_info(config))
-    if adapter_dir is not None and base.get('source') == 'local':
-        base['relative_to_adapter'] = os.path.relpath(base['name_or_path'], Path(adapter_dir).resolve())
-    return {'config': config.to_dict(), 'training_arguments': _jsonable(args.to_dict()) if args is not None else None,
-            'base_model': base, 'versions': library_versions(), 'source': source_commit(),
-            'dataset': {'path': str(config.dataset_path), 'sha256': dataset_sha256(config.dataset_path, config.data.cache_dir),
-                        'eval_path': str(ev) if ev else None, 'eval_sha256': dataset_sha256(ev, config.data.cache_dir) if ev else None},
-            'chat_template_sha256': _template_sha(tokenizer),
-            'examples': {k: report_dict(r) for k, r in reports.items() if r is not None} if reports else None,
-            'global_step': global_step, 'resumed_from': str(resumed_from) if resumed_from else None,
-            'config_changes': config_changes or None, 'speed': speed,
-            'metrics': metrics, 'merge_check': merge_check, 'created': time.strftime('%Y-%m-%dT%H:%M:%S%z')}
-
-# %% ../nbs/05_train.ipynb #994de73b
-def summarize_metrics(rows: list[dict]) -> dict:
-    "Run metrics from `metrics.jsonl` rows."
-    tr = [r for r in rows if 'loss' in r]
-    ev = [r['eval_loss'] for r in rows if 'eval_loss' in r]
-    spans = [r['step'] - (p['step'] if p else 0) for p, r in zip([None] + tr[:-1], tr)]
-    end = next((r for r in reversed(rows) if 'train_runtime' in r), {})
-    tokens = next((r['num_input_tokens_seen'] for r in reversed(rows) if 'num_input_tokens_seen' in r), None)
-    return {'train_loss': sum(s * r['loss'] for s, r in zip(spans, tr)) / max(1, sum(spans)) if tr else None,
-            'first_loss': tr[0]['loss'] if tr else None, 'last_loss': tr[-1]['loss'] if tr else None,
-            'eval_loss': ev[-1] if ev else None, 'steps': max((r['step'] for r in rows), default=0),
-            'epochs': max((r.get('epoch') or 0 for r in rows), default=0), 'tokens': tokens,
-            'train_runtime': end.get('train_runtime')}
 
 # %% ../nbs/05_train.ipynb #7bc2fcda
 @dataclass
@@ -499,18 +191,6 @@ class TrainResult:
     examples: dict | None = None  # the encode reports of the train and eval splits
     steps_trained: int | None = None  # optimizer steps this call trained; 0 when the run was already finished
 
-DROP_WARN = 0.05  # warn when encoding drops more than this share of a split's records
-
-def report_examples(reports: dict) -> list[str]:
-    "Print what encoding did to each split; warn on stderr, and return the warnings, for a split that lost more than `DROP_WARN`."
-    warns = []
-    for split, rep in reports.items():
-        if rep is None or not rep.n_records: continue
-        print(f'examples       {split}: {rep}')
-        for w in rep.warnings(split, DROP_WARN):  # records dropped; with keep_head, answers trained without an end
-            warns.append(w); print(w, file=sys.stderr)
-    return warns
-
 @contextlib.contextmanager
 def _verbosity(verbose: bool):
     "Debug logging of transformers and qlora_nb inside the block when `verbose`."
@@ -520,35 +200,6 @@ def _verbosity(verbose: bool):
     transformers.logging.set_verbosity_debug(); pkg.setLevel(logging.DEBUG); pkg.addHandler(handler)
     try: yield
     finally: transformers.logging.set_verbosity(old); pkg.setLevel(level); pkg.removeHandler(handler)
-
-def _interrupted(config: Config, step: int) -> str:
-    last = find_last_checkpoint(config.output_dir)
-    if last is None: return (f'Training interrupted (Ctrl-C) at step {step}, before the first complete checkpoint: nothing to resume from; '
-                             'running the same command again starts from the beginning.')
-    again = ('run the same command again to resume from it' if config.resume_from_checkpoint is True else
-             'run the same command with resume_from_checkpoint=true to resume from it')
-    return (f'Training interrupted (Ctrl-C) at step {step}. The newest complete checkpoint is {last} (step {checkpoint_step(last)}): '
-            f'{again} (the steps after it are trained again, with the same data and random numbers).')
-
-def _final_step(resume: Path, fingerprint: dict) -> int | None:
-    "The step of checkpoint `resume` if it is the last step of a run that stops where this one does; None if unknown."
-    try: state, old = json.loads((resume/'trainer_state.json').read_text()), json.loads((resume/RUN_INFO).read_text())['fingerprint']
-    except (OSError, ValueError, KeyError, TypeError): return None
-    if (old.get('stop'), old.get('world_size')) != (fingerprint['stop'], fingerprint['world_size']): return None  # e.g. max_steps raised
-    return state['global_step'] if state['global_step'] >= state.get('max_steps', float('inf')) else None
-
-def _published_step(out: Path) -> int | None:
-    "The step `out/lora_adapter` was written at, if qlora_nb wrote it."
-    if 'lora_adapter' not in owned_outputs(out) or not (out/'lora_adapter'/'adapter_config.json').is_file(): return None
-    try: return json.loads((out/'lora_adapter'/'training_config.json').read_text()).get('global_step')
-    except (OSError, ValueError, AttributeError): return None
-
-def _check_not_past(resume: Path | None, step: int, last: int):
-    "Refuse to 'continue' from a checkpoint beyond the step this run stops at."
-    if resume is not None and step > last:
-        raise TrainError(f'{resume} is at step {step}, past the {last} steps this run trains (max_steps / num_train_epochs): '
-                         f'to train a {last}-step model start again with {option("overwrite")} or in another output_dir; '
-                         f'to use the weights of step {step}, merge that checkpoint (qlora_nb_merge --adapter {resume})')
 
 def _load_checkpoint_weights(trainer: Trainer, ckpt: Path):
     "Put the adapter weights and the trainer state of `ckpt` into `trainer`, without training."
@@ -562,21 +213,25 @@ def train(config: Config,  # from `load_config(path, overrides)`
           overwrite: bool = False,  # delete what qlora_nb wrote in output_dir before, and start fresh
           verbose: bool = False,  # debug logging (transformers and qlora_nb)
           callbacks: list | None = None,  # extra `TrainerCallback`s
-          allow_config_change: bool = False  # resume even if the checkpoint was trained with other settings (see check_resume)
+          allow_config_change: bool = False  # resume even if the checkpoint was trained with other settings
          ) -> TrainResult:
     "Fine-tune with QLoRA as `config` says; write checkpoints, `lora_adapter/`, `metrics.jsonl` and `loss_curve.png`."
-    if not isinstance(config, Config): raise TypeError(f'train: expected a Config (qlora_nb.config.load_config(path)), got {type(config).__name__}')
+    if not isinstance(config, Config):
+        raise TypeError(f'train: expected a Config (qlora_nb.config.load_config(path)), got {type(config).__name__}')
     check_training_args(config)
     t0, out = time.time(), Path(config.output_dir)
     with _verbosity(verbose), output_lock(out, 'train'):
-        if is_main() and (gone := clean_leftovers(out)): print(f'{out}: removed {", ".join(gone)}, left by an interrupted command')
+        if is_main() and (gone := clean_leftovers(out)):
+            print(f'{out}: removed {", ".join(gone)}, left by an interrupted command')
         resume = resolve_resume(config, overwrite)
         tokenizer = load_tokenizer(config)
         (train_ex, train_rep), (eval_ex, eval_rep) = examples(config, tokenizer), examples(config, tokenizer, 'eval')
         reports = {'train': train_rep, 'eval': eval_rep}
         if is_main(): report_examples(reports)
-        args = training_arguments(config, has_eval=bool(eval_ex), compute_dtype=compute_dtype(config.quantization_config))
-        # several processes: launched as one job, FSDP settings that keep the 4-bit weights intact, one shared output_dir
+        args = training_arguments(config, has_eval=bool(eval_ex),
+                                  compute_dtype=compute_dtype(config.quantization_config))
+        # several processes: launched as one job, FSDP settings that keep the 4-bit weights intact, one shared
+        # output_dir
         check_distributed(config, mixed_precision=args.mixed_precision); check_launch(args)
         check_shared_output(out, args); check_resume_launch(resume, config)
         _log.debug('training arguments: %s', args)
@@ -584,37 +239,44 @@ def train(config: Config,  # from `load_config(path, overrides)`
         fp = run_fingerprint(config, tokenizer, args, base)
         changes = check_resume(resume, fp, allow_config_change) if resume else []
         start = json.loads((resume/'trainer_state.json').read_text())['global_step'] if resume else 0
-        if args.max_steps > 0: _check_not_past(resume, start, args.max_steps)
-        done = _final_step(resume, fp) if resume is not None and resume.parent.resolve() == out.resolve() else None
-        if done is not None and _published_step(out) == done:
-            print(f'{out}: this run is finished ({resume.name} is its last step) and lora_adapter/ holds that step: nothing to train. '
-                  f'Raise training_args.max_steps (or num_train_epochs) to train further, or pass {option("overwrite")} to start again')
+        if args.max_steps > 0: check_not_past(resume, start, args.max_steps)
+        done = finished_step(resume, fp) if resume is not None and resume.parent.resolve() == out.resolve() else None
+        if done is not None and published_step(out) == done:
+            print(f'{out}: this run is finished ({resume.name} is its last step) and lora_adapter/ holds that step: '
+                  'nothing to train. Raise training_args.max_steps (or num_train_epochs) to train further, or pass '
+                  f'{option("overwrite")} to start again')
             metrics = {**summarize_metrics(read_metrics(out/METRICS)), 'runtime': time.time() - t0}
-            return TrainResult(out, out/'lora_adapter' if is_main() else None, list_checkpoints(out), metrics, resume, reports, 0)
+            return TrainResult(out, out/'lora_adapter' if is_main() else None, list_checkpoints(out), metrics,
+                               resume, reports, 0)
         if is_main(): record_outputs(out, METRICS, *(['runs'] if 'tensorboard' in args.report_to else []))
         trainer, plan = setup_training(config, tokenizer, train_ex, eval_ex, args,
                                        callbacks=[MetricsLogger(out/METRICS), NonFiniteGuard(), *(callbacks or [])])
         model = trainer.model
         if is_main(): print('speed          ' + '\n               '.join([plan.summary(), *plan.notes]))
         if trainer.pop_callback(ProgressCallback) is not None: trainer.add_callback(QuietEvalProgress)
-        trainer.run_info = {'fingerprint': fp, 'config': config.to_dict(), 'resumed_from': str(resume) if resume else None,
-                            'config_changes': changes or None, 'speed': plan.to_dict()}
+        trainer.run_info = {'fingerprint': fp, 'config': config.to_dict(),
+                            'resumed_from': str(resume) if resume else None, 'config_changes': changes or None,
+                            'speed': plan.to_dict()}
         ta = trainer.args
-        last = ta.max_steps if ta.max_steps > 0 else trainer.set_initial_training_values(ta, trainer.get_train_dataloader())[-1]
-        _check_not_past(resume, start, last)
+        last = (ta.max_steps if ta.max_steps > 0 else
+                trainer.set_initial_training_values(ta, trainer.get_train_dataloader())[-1])
+        check_not_past(resume, start, last)
         try:
             if start >= last:
-                print(f'{resume} is the last step of this run ({last}): nothing to train; lora_adapter/ is written from it')
+                print(f'{resume} is the last step of this run ({last}): nothing to train; lora_adapter/ is written '
+                      'from it')
                 _load_checkpoint_weights(trainer, resume)
             else: trainer.train(resume_from_checkpoint=str(resume) if resume else None)
-        except KeyboardInterrupt: raise TrainInterrupted(_interrupted(config, trainer.state.global_step)) from None
+        except KeyboardInterrupt:
+            raise TrainInterrupted(interrupted_message(config, trainer.state.global_step)) from None
         except Exception as e:
             if is_oom(e): raise TrainError(oom_advice(args, config.data.max_length, plan)) from e
             raise
         finally:
             while plan.undo: plan.undo.pop()()  # Liger's patches of transformers, before anything else runs
             if is_main(): shutil.rmtree(out/(trainer._staging_name or f'{STAGING}-{os.getpid()}'), ignore_errors=True)
-        if eval_ex and args.eval_strategy != 'no' and not any('eval_loss' in r and r.get('step') == trainer.state.global_step for r in trainer.state.log_history):  # the same on every process
+        if eval_ex and args.eval_strategy != 'no' and not any(  # the same on every process
+                'eval_loss' in r and r.get('step') == trainer.state.global_step for r in trainer.state.log_history):
             trainer.evaluate()
         staging = trainer.staging_dir(out)
         trainer.save_model(str(staging/'lora_adapter'))  # the adapter (PEFT, safetensors) and the tokenizer
@@ -622,11 +284,13 @@ def train(config: Config,  # from `load_config(path, overrides)`
         if not trainer.is_world_process_zero(): return TrainResult(out, None, [], {}, resume, reports, steps)
         try:
             if bad := nonfinite_tensors(staging/'lora_adapter'):
-                raise TrainError(f'lora_adapter/ not written: {len(bad)} of its tensors hold NaN or inf ({bad[0]}, ...); '
-                                 f'lower training_args.learning_rate and start again with {option("overwrite")}')
+                raise TrainError(f'lora_adapter/ not written: {len(bad)} of its tensors hold NaN or inf '
+                                 f'({bad[0]}, ...); lower training_args.learning_rate and start again with '
+                                 f'{option("overwrite")}')
             rows = read_metrics(out/METRICS)
             metrics = summarize_metrics(rows)
-            (staging/'lora_adapter'/'training_args.bin').unlink(missing_ok=True)  # a pickle; training_config.json has the arguments
+            # a pickle; training_config.json has the arguments
+            (staging/'lora_adapter'/'training_args.bin').unlink(missing_ok=True)
             man = run_manifest(config, tokenizer, metrics, args=ta, reports=reports, base_model=base,
                                global_step=trainer.state.global_step, resumed_from=resume, config_changes=changes,
                                adapter_dir=out/'lora_adapter', speed=plan.to_dict())
