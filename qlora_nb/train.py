@@ -14,7 +14,8 @@ from transformers import Trainer, TrainerCallback, TrainerState, TrainingArgumen
 from transformers.trainer_callback import ProgressCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from .config import Config, QloraError, EXIT_TRAIN, EXIT_INTERRUPTED, check_training_args, option
-from .chatml import PadCollator, examples
+from .chatml import PadCollator
+from .examples import examples
 from .data import DataError, dataset_sha256, resolve_sources
 from .model import compute_dtype, free_memory, load_tokenizer, load_model
 from .lora import add_lora
