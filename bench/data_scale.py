@@ -11,7 +11,7 @@ processes) every 50 ms and reports the peak of the sum (an upper bound: pages th
 are counted in each) and of the main process alone; CPU time is that of the child and all its children.
 Phases:
   scan             the streaming validation pass alone (`qlora_nb.data.scan_data`): no tokenizer, no torch
-  encode_cold      `qlora_nb.chatml.encoded` with an empty cache: scan, then encode with --num-proc processes into Arrow
+  encode_cold      `qlora_nb.examples.encoded` with an empty cache: scan, then encode with --num-proc processes into Arrow
   encode_warm      the same call again: from the cache
   validate_warm    what qlora_nb_validate does for the data (statistics, split, reports, audit), cache warm
   train_cold_tiny  `train()` of the tiny model on the records (its tokenizer, config_test.yaml, eval off), cache empty
@@ -34,7 +34,7 @@ def validate_data(config_path, overrides, num_proc=None) -> object:
     "The data part of qlora_nb_validate on the cached path (what 09_cli's validate prints after the config lines)."
     from qlora_nb.config import load_config
     from qlora_nb.data import format_stats
-    from qlora_nb.chatml import check_data, encoded, examples
+    from qlora_nb.examples import check_data, encoded, examples
     from qlora_nb.model import load_tokenizer
     cfg = load_config(config_path, overrides)
     d = cfg.data
@@ -65,10 +65,10 @@ def phase(name, args) -> dict:
         out.update(records=sc.n_records, seconds=time.time() - t0)
     elif name in ('encode_cold', 'encode_warm'):
         from transformers import AutoTokenizer
-        from qlora_nb import chatml as C
+        from qlora_nb import examples as E
         tok = AutoTokenizer.from_pretrained(str(args.tokenizer))
         t1, build_s = time.time(), {}
-        build, chunk, log = C._build, C._encode_chunk, args.out/f'chunks-{args.n}.jsonl'
+        build, chunk, log = E._build, E._encode_chunk, args.out/f'chunks-{args.n}.jsonl'
         def timed_chunk(batch, tokenizer, settings, report_dir):  # runs in the encoding processes
             s, c = time.time(), time.process_time()
             r = chunk(batch, tokenizer, settings, report_dir)
@@ -78,10 +78,10 @@ def phase(name, args) -> dict:
             return r
         def timed_build(*a, **k):
             s = time.time(); r = build(*a, **k); build_s['s'] = time.time() - s; return r
-        if name == 'encode_cold': log.unlink(missing_ok=True); C._encode_chunk = timed_chunk
-        C._build = timed_build
+        if name == 'encode_cold': log.unlink(missing_ok=True); E._encode_chunk = timed_chunk
+        E._build = timed_build
         from qlora_nb.config import DEFAULT_SYSTEM  # what config_test.yaml (validate_warm) uses
-        enc = C.encoded(args.data, tok, args.max_length, 'truncate', DEFAULT_SYSTEM, cache_dir=args.cache, num_proc=args.num_proc)
+        enc = E.encoded(args.data, tok, args.max_length, 'truncate', DEFAULT_SYSTEM, cache_dir=args.cache, num_proc=args.num_proc)
         assert enc.warm == (name == 'encode_warm'), f'{name}: warm={enc.warm}'
         if name == 'encode_cold' and log.is_file():
             rows = [json.loads(l) for l in log.read_text().splitlines()]

@@ -108,7 +108,7 @@ def workload_examples(name: str, config, tokenizer, smoke: bool = False) -> list
         lengths = lognormal_lengths(256, 64, 0.6, 16, 256) if smoke else lognormal_lengths(256)
         return synthetic_examples(lengths, tokenizer)
     if name == 'shipped':
-        from qlora_nb.chatml import examples
+        from qlora_nb.examples import examples
         return list(examples(config, tokenizer)[0])
     raise ValueError(f'workload: expected one of {", ".join(WORKLOADS)}, got {name!r}')
 

@@ -73,7 +73,7 @@ def validate(config_path,  # the YAML config
     check_training_args(cfg)
     print('training_args  ok (transformers.TrainingArguments accepts them)')
     from qlora_nb.data import format_stats, plot_lengths
-    from qlora_nb.chatml import check_data, encoded, examples
+    from qlora_nb.examples import check_data, encoded, examples
     from qlora_nb.model import load_tokenizer
     d = cfg.data
     checked = check_data(cfg.dataset_path, d.default_system, d.cache_dir)  # every bad line, before the model is looked at
@@ -103,7 +103,8 @@ def preview_records(config_path,  # the YAML config
     cfg = _config(config_path, overrides, file=sys.stderr)
     from pathlib import Path
     from qlora_nb.data import head_records
-    from qlora_nb.chatml import examples, preview, preview_json
+    from qlora_nb.chatml import preview, preview_json
+    from qlora_nb.examples import examples
     from qlora_nb.model import load_tokenizer
     records, tok = head_records(cfg.dataset_path, n), load_tokenizer(cfg)
     encoded, report = examples(cfg, tok, 'preview', records=records)

@@ -10,7 +10,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from .data import load_split, to_messages
-from .chatml import PadCollator, examples
+from .chatml import PadCollator
+from .examples import examples
 from .model import free_memory, input_device, load_model, load_tokenizer
 from .infer import (EvalError, Generation, _load_merged, _settings_dict, check_adapter, find_model_source,
                             generate)

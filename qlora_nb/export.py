@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 import transformers
 from .config import Config
-from .chatml import examples
+from .examples import examples
 from .model import free_memory, input_device, keep_cpu_layout, load_model, load_tokenizer
 from .infer import check_adapter
 from .speed import model_compute_dtype

@@ -39,7 +39,8 @@ def example_lengths(examples, lengths=None) -> list[int]:
     "Token counts of `examples`: `lengths` if given, else a `length` column (read without the rows), else each row's."
     if lengths is not None: return list(lengths)
     if 'length' in (getattr(examples, 'column_names', None) or ()):
-        if hasattr(examples, 'select_columns'):  # a datasets.Dataset: the column read as one Arrow array, not row by row
+        # a datasets.Dataset: the column read as one Arrow array, not row by row
+        if hasattr(examples, 'select_columns'):
             return examples.select_columns(['length']).with_format('arrow')[:]['length'].to_pylist()
         return list(examples['length'])
     return [len(examples[i]['input_ids']) for i in range(len(examples))]
@@ -103,10 +104,12 @@ def _varlen_reference(q, k, v, cu, scale):
     for a, b in zip(cu[:-1].tolist(), cu[1:].tolist()):
         qq, kk, vv = (x[a:b].transpose(0, 1) for x in (q, k, v))
         if rep > 1: kk, vv = kk.repeat_interleave(rep, 0), vv.repeat_interleave(rep, 0)
-        out[a:b] = torch.nn.functional.scaled_dot_product_attention(qq, kk, vv, is_causal=True, scale=scale).transpose(0, 1)
+        o = torch.nn.functional.scaled_dot_product_attention(qq, kk, vv, is_causal=True, scale=scale)
+        out[a:b] = o.transpose(0, 1)
     return out
 
-_VARLEN_PARAMS: frozenset = frozenset()  # the keyword parameters of this torch's varlen_attn (read once, when registered)
+# the keyword parameters of this torch's varlen_attn (read once, when registered)
+_VARLEN_PARAMS: frozenset = frozenset()
 _VARLEN_GQA = 'repeat'  # how it takes fewer key/value heads: 'kwarg' (enable_gqa), 'native', or 'repeat' them
 
 def _torch_varlen(q, k, v, cu, max_len, scale, gqa=None):
@@ -145,7 +148,8 @@ def varlen_attention_forward(module, query, key, value, attention_mask, scaling=
     return out.reshape(B, T, H, D), None
 
 def register_varlen_attention() -> str:
-    "Register the varlen attention with transformers under `VARLEN` (no mask function: it needs no mask); return the name."
+    ("Register the varlen attention with transformers under `VARLEN` (no mask function: it needs no mask); "
+     "return the name.")
     global _VARLEN_PARAMS, _VARLEN_GQA
     from transformers import AttentionInterface
     try:
@@ -166,7 +170,8 @@ def _flex_ok(device) -> str | None:
 def _varlen_ok(device) -> str | None:
     if device.type != 'cuda': return 'the varlen kernel runs on a CUDA GPU only'
     try: from torch.nn.attention.varlen import varlen_attn  # noqa: F401
-    except ImportError: return f'this torch ({torch.__version__}) has no torch.nn.attention.varlen (it needs torch 2.9+)'
+    except ImportError:
+        return f'this torch ({torch.__version__}) has no torch.nn.attention.varlen (it needs torch 2.9+)'
     if torch.cuda.get_device_capability(device)[0] < 8:
         return f'{torch.cuda.get_device_name(device)} has compute capability < 8.0 (FlashAttention needs 8.0+)'
     return None
@@ -186,7 +191,8 @@ def attention_kernel(requested: str,  # training.attention: auto, sdpa, flex or 
 
 # %% ../nbs/02a_packing.ipynb #4c02010a
 class PackedTrainerMixin:
-    "Mix into a `Trainer`: packed batches train row by row, count their real tokens, and give varlen kernels their bounds."
+    ("Mix into a `Trainer`: packed batches train row by row, count their real tokens, and give varlen kernels "
+     "their bounds.")
     row_hook = None  # called with each row's token count before its forward pass
 
     def training_step(self, model, inputs, num_items_in_batch=None):
@@ -201,7 +207,8 @@ class PackedTrainerMixin:
             part[ROWS] = [row]
             if self.row_hook is not None: self.row_hook(n)
             last = r == len(rows) - 1
-            with (contextlib.nullcontext() if last or self.accelerator.num_processes == 1 else self.accelerator.no_sync(model)):
+            sync = last or self.accelerator.num_processes == 1
+            with (contextlib.nullcontext() if sync else self.accelerator.no_sync(model)):
                 loss = super().training_step(model, part, num_items_in_batch)
             total = loss if total is None else total + loss
         return total

@@ -13,7 +13,8 @@ from transformers import Trainer, TrainerState, TrainingArguments
 from transformers.trainer_callback import ProgressCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from .config import Config, check_training_args, option
-from .chatml import PadCollator, examples
+from .chatml import PadCollator
+from .examples import examples
 from .model import compute_dtype, free_memory, load_tokenizer, load_model
 from .lora import add_lora
 from .distributed import (check_distributed, check_launch, check_resume_launch, check_shared_output,
