@@ -12,9 +12,10 @@ from pathlib import Path
 import numpy as np
 import torch
 from .config import QloraError
-from .data import (DataError, LengthHistogram, Source, StreamStats, _where, cache_root, combined_sha256, held_out,
-                           iter_items, load_split, overlap, resolve_sources, scan_data, source_digests, stat_key, to_messages,
-                           where_name, FileHashes, _lines)
+from .data import DataError, _where, to_messages
+from .stats import LengthHistogram, StreamStats, _lines
+from .sources import (FileHashes, Source, cache_root, combined_sha256, held_out, iter_items, load_split, overlap,
+                              resolve_sources, scan_data, source_digests, stat_key, where_name)
 
 # %% auto #0
 __all__ = ['IM_START', 'IM_END', 'ASSISTANT_HEADER', 'TRUNCATION', 'FORMAT', 'BATCH', 'SMALL', 'CHUNK_MIN', 'COLUMNS',
@@ -355,9 +356,9 @@ def make_chunks(scan) -> list[dict]:
 # %% ../nbs/02_chatml.ipynb #56433da5
 def code_hash() -> str:
     "sha256 of `FORMAT` and of the source of the modules that read, check and encode records."
-    import qlora_nb.data, qlora_nb.chatml
+    import qlora_nb.data, qlora_nb.stats, qlora_nb.sources, qlora_nb.chatml
     h = hashlib.sha256(f'format {FORMAT}'.encode())
-    for m in (qlora_nb.data, qlora_nb.chatml): h.update(Path(m.__file__).read_bytes())
+    for m in (qlora_nb.data, qlora_nb.stats, qlora_nb.sources, qlora_nb.chatml): h.update(Path(m.__file__).read_bytes())
     return h.hexdigest()
 
 def tokenizer_hash(tokenizer) -> str:

@@ -15,7 +15,8 @@ from transformers.trainer_callback import ProgressCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from .config import Config, QloraError, EXIT_TRAIN, EXIT_INTERRUPTED, check_training_args, option
 from .chatml import PadCollator, examples
-from .data import DataError, dataset_sha256, resolve_sources
+from .data import DataError
+from .sources import dataset_sha256, resolve_sources
 from .model import compute_dtype, free_memory, load_tokenizer, load_model
 from .lora import add_lora
 from .distributed import (check_distributed, check_launch, check_resume_launch, check_shared_output, distributed_args,
