@@ -10,7 +10,7 @@ child process; this script samples the resident memory of that process and of al
 processes) every 50 ms and reports the peak of the sum (an upper bound: pages the forked processes share with the parent
 are counted in each) and of the main process alone; CPU time is that of the child and all its children.
 Phases:
-  scan             the streaming validation pass alone (`qlora_nb.data.scan_data`): no tokenizer, no torch
+  scan             the streaming validation pass alone (`qlora_nb.sources.scan_data`): no tokenizer, no torch
   encode_cold      `qlora_nb.examples.encoded` with an empty cache: scan, then encode with --num-proc processes into Arrow
   encode_warm      the same call again: from the cache
   validate_warm    what qlora_nb_validate does for the data (statistics, split, reports, audit), cache warm
@@ -33,7 +33,7 @@ QWEN = Path(os.environ.get('QLORA_NB_QWEN_TOKENIZER', ROOT.parent/'shared'/'refe
 def validate_data(config_path, overrides, num_proc=None) -> object:
     "The data part of qlora_nb_validate on the cached path (what 09_cli's validate prints after the config lines)."
     from qlora_nb.config import load_config
-    from qlora_nb.data import format_stats
+    from qlora_nb.stats import format_stats
     from qlora_nb.examples import check_data, encoded, examples
     from qlora_nb.model import load_tokenizer
     cfg = load_config(config_path, overrides)
@@ -58,7 +58,7 @@ def validate_data(config_path, overrides, num_proc=None) -> object:
 
 def phase(name, args) -> dict:
     t0, out = time.time(), {}
-    from qlora_nb import data as D  # no torch, no tokenizer
+    from qlora_nb import sources as D  # no torch, no tokenizer
     if name == 'scan':
         sc = D.scan_data(args.data)
         sc.raise_problems()

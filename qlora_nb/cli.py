@@ -72,7 +72,7 @@ def validate(config_path,  # the YAML config
     cfg = _config(config_path, overrides)
     check_training_args(cfg)
     print('training_args  ok (transformers.TrainingArguments accepts them)')
-    from qlora_nb.data import format_stats, plot_lengths
+    from qlora_nb.stats import format_stats, plot_lengths
     from qlora_nb.examples import check_data, encoded, examples
     from qlora_nb.model import load_tokenizer
     d = cfg.data
@@ -102,7 +102,7 @@ def preview_records(config_path,  # the YAML config
     "Print the first `n` records of the dataset as ChatML with the trained tokens marked."
     cfg = _config(config_path, overrides, file=sys.stderr)
     from pathlib import Path
-    from qlora_nb.data import head_records
+    from qlora_nb.sources import head_records
     from qlora_nb.chatml import preview, preview_json
     from qlora_nb.examples import examples
     from qlora_nb.model import load_tokenizer

@@ -9,7 +9,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 import torch
 import torch.nn.functional as F
-from .data import load_split, to_messages
+from .data import to_messages
+from .sources import load_split
 from .chatml import PadCollator
 from .examples import examples
 from .model import free_memory, input_device, load_model, load_tokenizer

@@ -11,9 +11,10 @@ from pathlib import Path
 import numpy as np
 from .chatml import (TRUNCATION, AuditError, EncodeReport, audit_examples, check_tokenizer, encode_batch,
                              encode_records)
-from .data import (DataError, LengthHistogram, Source, StreamStats, cache_root, combined_sha256, held_out,
-                           iter_items, load_split, overlap, resolve_sources, scan_data, stat_key, where_name,
-                           FileHashes, _lines)
+from .data import DataError
+from .stats import LengthHistogram, StreamStats, _lines
+from .sources import (FileHashes, Source, cache_root, combined_sha256, held_out, iter_items, load_split, overlap,
+                              resolve_sources, scan_data, stat_key, where_name)
 
 # %% auto #0
 __all__ = ['FORMAT', 'BATCH', 'SMALL', 'CHUNK_MIN', 'COLUMNS', 'make_chunks', 'code_hash', 'tokenizer_hash', 'fingerprint',
@@ -121,9 +122,10 @@ def make_chunks(scan) -> list[dict]:
 # %% ../nbs/02b_examples.ipynb #56433da5
 def code_hash() -> str:
     "sha256 of `FORMAT` and of the source of the modules that read, check and encode records."
-    import qlora_nb.data, qlora_nb.chatml, qlora_nb.examples
+    import qlora_nb.data, qlora_nb.stats, qlora_nb.sources, qlora_nb.chatml, qlora_nb.examples
     h = hashlib.sha256(f'format {FORMAT}'.encode())
-    for m in (qlora_nb.data, qlora_nb.chatml, qlora_nb.examples): h.update(Path(m.__file__).read_bytes())
+    for m in (qlora_nb.data, qlora_nb.stats, qlora_nb.sources, qlora_nb.chatml, qlora_nb.examples):
+        h.update(Path(m.__file__).read_bytes())
     return h.hexdigest()
 
 def tokenizer_hash(tokenizer) -> str:

@@ -7,7 +7,7 @@ from qlora_nb.config import load_config
 from qlora_nb.train import train
 root = Path(__file__).resolve().parents[3]  # the repository
 polite = Path('/tmp/polite.jsonl')
-from qlora_nb.data import load_records
+from qlora_nb.sources import load_records
 polite.write_text(''.join(json.dumps(dict(instruction=r['instruction'], output='好的。'), ensure_ascii=False) + '\n'
                   for r in load_records(root/'data/novel_finetuning_dataset.jsonl') if 'instruction' in r), encoding='utf-8')
 base = [f'dataset_path={polite}', 'training_args.max_steps=20', 'training_args.gradient_accumulation_steps=1',
