@@ -81,7 +81,7 @@ def resolve_resume(config: Config, overwrite: bool = False) -> Path | None:
                          + '. qlora_nb never writes over or deletes what it did not write, with or without '
                            f'{option("overwrite")}: move them out of the folder, or choose another output_dir. '
                            '(Outputs of a qlora_nb version without the manifest can be claimed with '
-                           'qlora_nb.train.record_outputs(output_dir, name, ...).)')
+                           'qlora_nb.outputs.record_outputs(output_dir, name, ...).)')
     if overwrite:
         if owned and is_main():
             others = [n for n in listing if n not in owned]
