@@ -65,10 +65,11 @@ def phase(name, args) -> dict:
         out.update(records=sc.n_records, seconds=time.time() - t0)
     elif name in ('encode_cold', 'encode_warm'):
         from transformers import AutoTokenizer
+        from qlora_nb import cache as C
         from qlora_nb import examples as E
         tok = AutoTokenizer.from_pretrained(str(args.tokenizer))
         t1, build_s = time.time(), {}
-        build, chunk, log = E._build, E._encode_chunk, args.out/f'chunks-{args.n}.jsonl'
+        build, chunk, log = E.build_entry, C._encode_chunk, args.out/f'chunks-{args.n}.jsonl'
         def timed_chunk(batch, tokenizer, settings, report_dir):  # runs in the encoding processes
             s, c = time.time(), time.process_time()
             r = chunk(batch, tokenizer, settings, report_dir)
@@ -78,8 +79,8 @@ def phase(name, args) -> dict:
             return r
         def timed_build(*a, **k):
             s = time.time(); r = build(*a, **k); build_s['s'] = time.time() - s; return r
-        if name == 'encode_cold': log.unlink(missing_ok=True); E._encode_chunk = timed_chunk
-        E._build = timed_build
+        if name == 'encode_cold': log.unlink(missing_ok=True); C._encode_chunk = timed_chunk
+        E.build_entry = timed_build
         from qlora_nb.config import DEFAULT_SYSTEM  # what config_test.yaml (validate_warm) uses
         enc = E.encoded(args.data, tok, args.max_length, 'truncate', DEFAULT_SYSTEM, cache_dir=args.cache, num_proc=args.num_proc)
         assert enc.warm == (name == 'encode_warm'), f'{name}: warm={enc.warm}'
