@@ -32,8 +32,8 @@ def qwen_config(preset: str, tokenizer=None) -> dict:
         ids = {'bos_token_id': tokenizer.pad_token_id, 'eos_token_id': tokenizer.convert_tokens_to_ids('<|im_end|>'),
                'pad_token_id': tokenizer.pad_token_id}
     return dict(hidden_size=d, intermediate_size=ff, num_hidden_layers=L, num_attention_heads=H, num_key_value_heads=kv,
-                vocab_size=V, tie_word_embeddings=tied, rope_theta=1e6, rms_norm_eps=1e-6, max_position_embeddings=32768,
-                hidden_act='silu', **ids)
+                vocab_size=V, tie_word_embeddings=tied, rope_theta=1e6, rms_norm_eps=1e-6,
+                max_position_embeddings=32768, hidden_act='silu', **ids)
 
 def useful_flops(shape: dict, tokens: int, pairs: int) -> float:
     "Useful FLOPs of training `tokens` tokens with `pairs` attended (query, key) pairs, for model config `shape`."
@@ -48,7 +48,8 @@ def attended_pairs(lengths) -> int:
 
 # %% ../nbs/10_bench.ipynb #45de3b09
 def build_model(preset: str, out_dir, tokenizer_dir) -> tuple[Path, float]:
-    "A random-weight Qwen2.5 `preset` saved in `out_dir` with the tokenizer of `tokenizer_dir`; (folder, seconds spent)."
+    ("A random-weight Qwen2.5 `preset` saved in `out_dir` with the tokenizer of `tokenizer_dir`; "
+     "(folder, seconds spent).")
     import torch
     from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
     out, t0 = Path(out_dir), time.time()
@@ -127,9 +128,9 @@ SETUPS = {  # name: (config overrides, needs a GPU, runs in a process of its own
     'fast-liger': (['training.compile=false', 'training.liger=true'], True, True),
     'unsloth': ([], True, True),
 }
-DEFAULT_ROWS = ('seed@lognormal', 'fast@lognormal', 'fast-24GiB@lognormal', 'fast@fixed', 'fast-12GiB@fixed', 'seed@fixed',
-                'seed@shipped', 'fast@shipped', 'fast-x32@lognormal', 'fast-flex@lognormal', 'fast-liger@lognormal',
-                'fast-nocompile@lognormal', 'unsloth@fixed')
+DEFAULT_ROWS = ('seed@lognormal', 'fast@lognormal', 'fast-24GiB@lognormal', 'fast@fixed', 'fast-12GiB@fixed',
+                'seed@fixed', 'seed@shipped', 'fast@shipped', 'fast-x32@lognormal', 'fast-flex@lognormal',
+                'fast-liger@lognormal', 'fast-nocompile@lognormal', 'unsloth@fixed')
 SMOKE_ROWS = ('seed@lognormal', 'fast@lognormal', 'seed@fixed', 'fast@fixed', 'fast@shipped', 'fast-x32@lognormal',
               'fast-liger@lognormal', 'unsloth@fixed')
 
@@ -137,8 +138,8 @@ def parse_row(name: str) -> tuple[str, str]:
     "`(setup, workload)` of a row name `setup@workload`, checked."
     setup, _, workload = name.partition('@')
     if setup not in SETUPS or workload not in WORKLOADS:
-        raise BenchError(f'--rows: {name!r} is not a row; rows are setup@workload with setup one of {", ".join(SETUPS)} '
-                         f'and workload one of {", ".join(WORKLOADS)}')
+        raise BenchError(f'--rows: {name!r} is not a row; rows are setup@workload with setup one of '
+                         f'{", ".join(SETUPS)} and workload one of {", ".join(WORKLOADS)}')
     return setup, workload
 
 class BenchError(QloraError, ValueError):
@@ -155,8 +156,8 @@ quantization_config: {{load_in_4bit: true, bnb_4bit_quant_type: nf4, bnb_4bit_co
                       bnb_4bit_use_double_quant: true}}
 lora_config: {{r: 32, lora_alpha: 64, lora_dropout: 0.0, target_modules: all-linear}}
 training_args: {{per_device_train_batch_size: 1, gradient_accumulation_steps: 8, learning_rate: 2.0e-4,
-                lr_scheduler_type: constant, warmup_steps: 0, logging_steps: 1, save_strategy: 'no', eval_strategy: 'no',
-                report_to: none, disable_tqdm: true, seed: 42, dataloader_num_workers: 0}}
+                lr_scheduler_type: constant, warmup_steps: 0, logging_steps: 1, save_strategy: 'no',
+                eval_strategy: 'no', report_to: none, disable_tqdm: true, seed: 42, dataloader_num_workers: 0}}
 data: {{max_length: {max_length}, eval_ratio: 0.0}}
 '''
 
@@ -215,7 +216,8 @@ def run_row(name: str, work, warmup: int, steps: int, smoke: bool = False, rate:
     overrides, work = SETUPS[setup][0], Path(work)
     out = work/'rows'/name.replace('@', '-')
     steps_here = (1, 2) if setup == 'seed' and not smoke else (warmup, steps)  # seed-style steps take seconds each
-    config = load_config(work/'bench.yaml', [*overrides, f'output_dir={out}', f'training_args.max_steps={sum(steps_here)}'])
+    config = load_config(work/'bench.yaml',
+                         [*overrides, f'output_dir={out}', f'training_args.max_steps={sum(steps_here)}'])
     tok = load_tokenizer(config)
     exs = workload_examples(workload, config, tok, smoke)
     cuda = torch.cuda.is_available()
@@ -263,15 +265,16 @@ def run_unsloth_row(name: str, work, warmup: int, steps: int, rate: float | None
     counting, clock = Counting(PadCollator(tok.pad_token_id)), _clock()(torch.cuda.synchronize)
     args = TrainingArguments(output_dir=str(work/'rows'/'unsloth'), per_device_train_batch_size=8,
                              gradient_accumulation_steps=1, max_steps=warmup + steps, learning_rate=2e-4,
-                             lr_scheduler_type='constant', logging_steps=1, save_strategy='no', report_to='none', bf16=True,
-                             seed=42, disable_tqdm=True, remove_unused_columns=False,
+                             lr_scheduler_type='constant', logging_steps=1, save_strategy='no', report_to='none',
+                             bf16=True, seed=42, disable_tqdm=True, remove_unused_columns=False,
                              include_num_input_tokens_seen='non_padding')
     t0 = time.time()
     Trainer(model=model, args=args, train_dataset=exs, data_collator=counting, processing_class=tok,
             callbacks=[clock]).train()
     shape = json.loads((Path(config.model_name_or_path)/'qlora_nb_bench_shape.json').read_text())
     return {'row': name, 'setup': setup, 'workload': workload, 'style': 'unsloth', 'examples_per_step': 8,
-            'plan': f'Unsloth {getattr(unsloth, "__version__", "")}: batch 8 padded, its offloaded checkpointing', 'notes': [],
+            'plan': f'Unsloth {getattr(unsloth, "__version__", "")}: batch 8 padded, its offloaded checkpointing',
+            'notes': [],
             'peak_gib': round(torch.cuda.max_memory_allocated() / 2**30, 2), 'wall_s': round(time.time() - t0, 1),
             **summarize(clock, counting, warmup, shape, rate)}
 
@@ -303,9 +306,9 @@ def bench(preset: str = '7B', rows=None, out='bench_out', work=None, tokenizer=N
     root = Path(__file__).resolve().parent.parent if '__file__' in globals() else Path('..').resolve()
     cuda = torch.cuda.is_available()
     if not cuda and not smoke:
-        raise BenchError('qlora_nb_bench measures GPU training and there is no CUDA GPU here (torch.cuda.is_available() '
-                         f'is False, torch {torch.__version__}); --smoke runs a tiny model on the CPU to check the '
-                         'benchmark itself')
+        raise BenchError('qlora_nb_bench measures GPU training and there is no CUDA GPU here '
+                         f'(torch.cuda.is_available() is False, torch {torch.__version__}); '
+                         '--smoke runs a tiny model on the CPU to check the benchmark itself')
     if smoke: preset = 'tiny'
     if preset not in QWEN25: raise BenchError(f'--preset: expected one of {", ".join(QWEN25)}, got {preset!r}')
     if isinstance(rows, str): rows = [r.strip() for r in rows.split(',') if r.strip()]
@@ -365,7 +368,8 @@ def table(info: dict, results: list[dict]) -> str:
         if 'tokens_per_s' not in r:
             s.append(f"| {r['row']} | | {r.get('skipped') or r.get('error', '')} | | | | | | | | |"); continue
         ref = _reference(results, r)
-        speed = f"{r['tokens_per_s'] / ref['tokens_per_s']:.1f}x" if ref and r is not ref and ref['tokens_per_s'] else ''
+        speed = (f"{r['tokens_per_s'] / ref['tokens_per_s']:.1f}x" if ref and r is not ref and ref['tokens_per_s']
+                 else '')
         agree = ''
         if ref and r is not ref and r['first_losses'] and ref['first_losses']:
             d = abs(r['first_losses'][0] - ref['first_losses'][0]) / abs(ref['first_losses'][0])

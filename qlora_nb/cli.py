@@ -34,15 +34,16 @@ def user_error(e: BaseException) -> tuple[int, str] | None:
     for c in _chain(e):
         said = f'{type(c).__name__}: {str(c).strip().splitlines()[0] if str(c).strip() else ""}'
         if _is(c, 'jinja2.exceptions.TemplateError'):
-            return EXIT_CONFIG, (f"the tokenizer's chat template failed ({said}); it is broken or unsafe: use the model's "
-                                 'own tokenizer files (chat_template.jinja / tokenizer_config.json)')
+            return EXIT_CONFIG, (f"the tokenizer's chat template failed ({said}); it is broken or unsafe: "
+                                 "use the model's own tokenizer files (chat_template.jinja / tokenizer_config.json)")
         if isinstance(c, pickle.UnpicklingError):
-            return EXIT_CONFIG, (f'a checkpoint or weights file holds pickled objects that torch.load(weights_only=True) '
-                                 f'refuses ({said[:300]}); use files written by transformers or PEFT, or remove that file')
+            return EXIT_CONFIG, (f'a checkpoint or weights file holds pickled objects that '
+                                 f'torch.load(weights_only=True) refuses ({said[:300]}); '
+                                 'use files written by transformers or PEFT, or remove that file')
         if isinstance(c, OSError) and c.errno in _IO_ERRNOS:
             where = f' ({c.filename})' if c.filename else ''
-            return EXIT_IO, (f'the file system refused a write: {c.strerror}{where}; free some space or give a folder you '
-                             'can write to (output_dir=...); complete checkpoints are kept, rerun to resume')
+            return EXIT_IO, (f'the file system refused a write: {c.strerror}{where}; free some space or give a folder '
+                             'you can write to (output_dir=...); complete checkpoints are kept, rerun to resume')
     return None
 
 def run_command(fn, *args, **kwargs) -> int:
@@ -76,9 +77,11 @@ def validate(config_path,  # the YAML config
     from qlora_nb.examples import check_data, encoded, examples
     from qlora_nb.model import load_tokenizer
     d = cfg.data
-    checked = check_data(cfg.dataset_path, d.default_system, d.cache_dir)  # every bad line, before the model is looked at
+    # every bad line, before the model is looked at
+    checked = check_data(cfg.dataset_path, d.default_system, d.cache_dir)
     tok = load_tokenizer(cfg)
-    enc = encoded(cfg.dataset_path, tok, d.max_length, d.truncation, d.default_system, cache_dir=d.cache_dir, checked=checked)
+    enc = encoded(cfg.dataset_path, tok, d.max_length, d.truncation, d.default_system, cache_dir=d.cache_dir,
+                  checked=checked)
     print(f'dataset        {cfg.dataset_path}: {enc.n_records} records, all valid')
     stats = enc.stats(d.max_length)
     print(format_stats(stats))
@@ -111,7 +114,8 @@ def preview_records(config_path,  # the YAML config
     for ex in encoded:
         if as_json: print(json.dumps(preview_json(ex, tok), ensure_ascii=False)); continue
         n_trained = sum(l != -100 for l in ex['labels'])
-        print(f"── {ex.get('_at') or f'{Path(cfg.dataset_path).name}:' + str(ex['_line'])}: {len(ex['input_ids'])} tokens, "
+        print(f"── {ex.get('_at') or f'{Path(cfg.dataset_path).name}:' + str(ex['_line'])}: "
+              f"{len(ex['input_ids'])} tokens, "
               f'{n_trained} trained (⟦marked⟧) ──')
         print(preview(ex, tok, html=False))
     if report.dropped or report.cut: print(f'note: {report}', file=sys.stderr)
@@ -148,8 +152,9 @@ def train_run(config_path,  # the YAML config
 def merge_summary(check: dict) -> str:
     "The merge check in one line: every adapted weight within the dtype's rounding, and how close the logits stay."
     w = check['weights']
-    return (f"merge check: {w['layers']} LoRA layers within {w['dtype']} rounding (worst {w['max_err_over_bound']:.2f} of "
-            f"the bound); next-token KL mean {check['kl_mean']:.1e}, greedy-token agreement {check['token_agreement']:.3f}")
+    return (f"merge check: {w['layers']} LoRA layers within {w['dtype']} rounding "
+            f"(worst {w['max_err_over_bound']:.2f} of the bound); "
+            f"next-token KL mean {check['kl_mean']:.1e}, greedy-token agreement {check['token_agreement']:.3f}")
 
 def _num(v, fmt='{:.3f}') -> str:
     "A metric for the summary line: formatted, or '–' when missing."
@@ -191,7 +196,8 @@ def generate_run(config_path, prompt, system=None, model=None, adapter=None, ove
                   batch_size=1, streamer=write_streamer(tok, lambda s: print(s, end='', flush=True)))
     print()
     if not g.stopped:
-        print(f'note: the answer reached eval.max_new_tokens={cfg.eval.max_new_tokens} without <|im_end|>', file=sys.stderr)
+        print(f'note: the answer reached eval.max_new_tokens={cfg.eval.max_new_tokens} without <|im_end|>',
+              file=sys.stderr)
     return g
 
 def chat_run(config_path, system=None, model=None, adapter=None, overrides=None, read=input):
@@ -203,8 +209,9 @@ def chat_run(config_path, system=None, model=None, adapter=None, overrides=None,
     return chat(m, tok, cfg.eval, read=read, system=cfg.data.default_system if system is None else system)
 
 # %% ../nbs/09_cli.ipynb #8e8f24de
-EXIT_HELP = ('exit status: 0 ok; 1 bad data; 2 bad config, command line, model or tokenizer; 3 training or merge failed; '
-             '4 disk full or read-only; 5 output folder in use by another command; 130 interrupted')
+EXIT_HELP = ('exit status: 0 ok; 1 bad data; 2 bad config, command line, model or tokenizer; '
+             '3 training or merge failed; 4 disk full or read-only; 5 output folder in use by another command; '
+             '130 interrupted')
 
 def cli_parser(func):
     "The `argparse` parser of command function `func`: its parameters, `--version` and the exit statuses."
@@ -250,7 +257,8 @@ def train_cli(config: str,  # path of the YAML config
               overrides: Overrides = None,
               overwrite: bool = False,  # delete what an earlier run wrote in output_dir and start again
               verbose: bool = False,  # debug logging
-              allow_config_change: bool = False  # resume from a checkpoint trained with other settings (see the message)
+              # resume from a checkpoint trained with other settings (see the message)
+              allow_config_change: bool = False
              ):
     "Fine-tune with QLoRA, then merge; rerun the same command to resume after an interruption."
     return run_command(train_run, config, overrides, overwrite=overwrite, verbose=verbose,
@@ -271,7 +279,8 @@ def eval_cli(config: str,  # path of the YAML config
              model: str = None,  # a merged model folder (e.g. output_dir/final_model) instead of the adapter
              adapter: str = None  # adapter folder (default output_dir/lora_adapter)
             ):
-    "Evaluate base vs fine-tuned on the eval split: loss, perplexity, stop rate, chrF, ROUGE-L; writes output_dir/eval/."
+    ("Evaluate base vs fine-tuned on the eval split: loss, perplexity, stop rate, chrF, ROUGE-L; "
+     "writes output_dir/eval/.")
     return run_command(eval_run, config, model=model, adapter=adapter, overrides=overrides)
 
 @command

@@ -16,7 +16,8 @@ __all__ = ['FSDP_DEVICES', 'FSDP_MODEL', 'dist_env', 'is_main', 'distributed_arg
 
 # %% ../nbs/11_distributed.ipynb #ccda5834
 def dist_env(env=None) -> dict:
-    "This process's place in a torchrun/accelerate launch: world_size, rank, local_rank (world_size 1 when started alone)."
+    ("This process's place in a torchrun/accelerate launch: world_size, rank, local_rank "
+     "(world_size 1 when started alone).")
     env = os.environ if env is None else env
     return {k.lower(): int(env.get(k, d)) for k, d in (('WORLD_SIZE', 1), ('RANK', 0), ('LOCAL_RANK', 0))}
 
@@ -26,7 +27,8 @@ def is_main(env=None) -> bool:
 
 # %% ../nbs/11_distributed.ipynb #85f6cc64
 def distributed_args(training_args: dict, env=None, cuda: bool | None = None) -> dict:
-    "A copy of `training_args` with the defaults a multi-process data-parallel run needs (nothing changes in one process)."
+    ("A copy of `training_args` with the defaults a multi-process data-parallel run needs "
+     "(nothing changes in one process).")
     ta = dict(training_args)
     if dist_env(env)['world_size'] > 1 and not is_fsdp(env, ta):
         ta.setdefault('ddp_find_unused_parameters', False)
@@ -53,7 +55,8 @@ def _mixed_precision(ta: dict, compute, device, env, given: str | None) -> tuple
     if ta.get('fp16'): return torch.float16, 'training_args.fp16'
     if ta.get('bf16'): return torch.bfloat16, 'training_args.bf16'
     if given is None and torch.device(device).type == 'cuda' and not ta.get('use_cpu') and compute in _MIXED.values():
-        return compute, 'quantization_config.bnb_4bit_compute_dtype'  # training_arguments sets bf16/fp16 from it on a GPU
+        # training_arguments sets bf16/fp16 from it on a GPU
+        return compute, 'quantization_config.bnb_4bit_compute_dtype'
     mp = given if given is not None else str(env.get('ACCELERATE_MIXED_PRECISION', 'no')).lower()
     dtype = _MIXED.get(mp, torch.bfloat16 if mp == 'fp8' else None)
     return dtype, f'the mixed precision {mp} (mixed_precision in the accelerate config)'
@@ -77,10 +80,12 @@ def check_distributed(config: Config, device=None, env=None, mixed_precision: st
                           'adapters; set fsdp_version: 2 (as configs/accelerate/fsdp_qlora.yaml does)')
     if not q.load_in_4bit: return d
     compute = compute_dtype(q, device, bf16_ok)
-    saved = saved_quantization(check_model_source(config.model_name_or_path, config.config_path, config.trust_remote_code))
+    saved = saved_quantization(check_model_source(config.model_name_or_path, config.config_path,
+                                                  config.trust_remote_code))
     storage = quant_storage(q, compute, True, saved)
     if saved:
-        where = f'model_name_or_path: {config.model_name_or_path} is pre-quantized with bnb_4bit_quant_storage {_dt(storage)}'
+        where = (f'model_name_or_path: {config.model_name_or_path} is pre-quantized with bnb_4bit_quant_storage '
+                 f'{_dt(storage)}')
         fix = 'quantize it again with bnb_4bit_quant_storage = the compute dtype, or train from the unquantized model'
     else:
         where = f'quantization_config.bnb_4bit_quant_storage: {_dt(storage)}'
@@ -89,27 +94,31 @@ def check_distributed(config: Config, device=None, env=None, mixed_precision: st
     d.update(compute_dtype=_dt(compute), quant_storage=_dt(storage), mixed_precision=_dt(mp) if mp else 'no')
     if not storage.is_floating_point:
         raise ConfigError(f'{where}, under FSDP: FSDP shards only floating-point tensors, so 4-bit weights packed in '
-                          f'{_dt(storage)} stay whole on every GPU (no memory saved) or get cast, which scrambles them; {fix}')
+                          f'{_dt(storage)} stay whole on every GPU (no memory saved) or get cast, which scrambles '
+                          f'them; {fix}')
     if storage != compute:
-        raise ConfigError(f'{where}, but the model computes in {_dt(compute)} (quantization_config.bnb_4bit_compute_dtype): '
-                          'under FSDP every parameter is held and cast in one dtype, and a cast of packed 4-bit weights '
+        raise ConfigError(f'{where}, but the model computes in {_dt(compute)} '
+                          '(quantization_config.bnb_4bit_compute_dtype): under FSDP every parameter is held and cast '
+                          'in one dtype, and a cast of packed 4-bit weights '
                           f'scrambles them; {fix}')
     if mp is not None and mp != storage:
         agree = {torch.bfloat16: 'bf16', torch.float16: 'fp16'}.get(storage, 'no')
         raise ConfigError(f'{src} makes FSDP cast every parameter to {_dt(mp)}, but the 4-bit weights are packed in '
-                          f'{_dt(storage)}: the cast rewrites the packed bytes and the model trains on garbage without any '
-                          f'error. Make them agree: mixed precision {agree}, or bnb_4bit_compute_dtype {_dt(mp)}')
+                          f'{_dt(storage)}: the cast rewrites the packed bytes and the model trains on garbage without '
+                          f'any error. Make them agree: mixed precision {agree}, or bnb_4bit_compute_dtype {_dt(mp)}')
     return d
 
 # %% ../nbs/11_distributed.ipynb #5c322ff7
 def check_launch(args, env=None):
-    "Raise `ConfigError` when this process is one of several (WORLD_SIZE > 1) that the `Trainer` will not train together."
+    ("Raise `ConfigError` when this process is one of several (WORLD_SIZE > 1) that the `Trainer` "
+     "will not train together.")
     ws = dist_env(env)['world_size']
     if ws > 1 and args.world_size != ws:
         raise ConfigError(f'this process is one of {ws} that torchrun/accelerate started (WORLD_SIZE={ws}), but the '
-                          f'Trainer sees {args.world_size}: each would train the whole job alone, writing over the others '
-                          'in output_dir. On a machine without GPUs the processes need training_args.use_cpu=true '
-                          '(qlora_nb sets it unless the config says otherwise) or ACCELERATE_USE_CPU=true')
+                          f'Trainer sees {args.world_size}: each would train the whole job alone, writing over the '
+                          'others in output_dir. On a machine without GPUs the processes need '
+                          'training_args.use_cpu=true (qlora_nb sets it unless the config says otherwise) '
+                          'or ACCELERATE_USE_CPU=true')
 
 # %% ../nbs/11_distributed.ipynb #a3e8ce87
 def check_shared_output(out, args):
@@ -123,15 +132,18 @@ def check_shared_output(out, args):
     st.wait_for_everyone()
     if st.is_main_process: token.unlink(missing_ok=True)
     if not seen:
-        raise ConfigError(f'output_dir: {out} is not shared between the machines of this run (process {st.process_index} '
-                          'does not see what the main process wrote there); checkpoints are assembled from every process '
-                          'in one folder: put output_dir on a file system all machines mount (NFS, Lustre, ...)')
+        raise ConfigError(f'output_dir: {out} is not shared between the machines of this run '
+                          f'(process {st.process_index} does not see what the main process wrote there); '
+                          'checkpoints are assembled from every process in one folder: '
+                          'put output_dir on a file system all machines mount (NFS, Lustre, ...)')
 
 # %% ../nbs/11_distributed.ipynb #61dd74b5
-FSDP_MODEL = 'pytorch_model_fsdp'  # accelerate's name for the model in an FSDP checkpoint: a folder of shards, or one .bin
+# accelerate's name for the model in an FSDP checkpoint: a folder of shards, or one .bin
+FSDP_MODEL = 'pytorch_model_fsdp'
 
 def check_resume_launch(ckpt, config: Config, env=None):
-    "Raise `TrainError` if checkpoint `ckpt` was written with FSDP and this run does not use it, or the other way round."
+    ("Raise `TrainError` if checkpoint `ckpt` was written with FSDP and this run does not use it, "
+     "or the other way round.")
     if ckpt is None: return
     from qlora_nb.resume import TrainError
     ckpt, fsdp = Path(ckpt), is_fsdp(env, config.training_args)

@@ -37,7 +37,8 @@ def _body_and_head(model):
 
 @torch.inference_mode()
 def example_nll(model, batch: dict, chunk: int = 1024) -> tuple[list[float], list[int]]:
-    "Summed next-token NLL and trained-token count of each row of a padded `batch`, `chunk` positions' logits at a time."
+    ("Summed next-token NLL and trained-token count of each row of a padded `batch`, "
+     "`chunk` positions' logits at a time.")
     dev = input_device(model)
     ids, mask, labels = (batch[k].to(dev) for k in ('input_ids', 'attention_mask', 'labels'))
     tgt = labels[:, 1:]

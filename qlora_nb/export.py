@@ -29,20 +29,23 @@ class ExportError(TrainError):
     "The merged model was not written; the adapter is complete and the message says how to finish the export."
 
 class MergeCheckError(ExportError):
-    "The merged model does not reproduce the adapter on its base: a weight off by more than its rounding, a missing layer, a non-finite value."
+    ("The merged model does not reproduce the adapter on its base: a weight off by more than its rounding, "
+     "a missing layer, a non-finite value.")
 
 # %% ../nbs/06_export.ipynb #92e7887d
 def _bnb_layers(model) -> list[str]:
     return [n for n, m in model.named_modules() if type(m).__name__ in ('Linear4bit', 'Linear8bitLt')]
 
 def dequantize_model(model, dtype: torch.dtype | None = None):
-    "Replace each bitsandbytes 4-bit Linear of `model` by an `nn.Linear` with its dequantized weight in `dtype` (default: the compute dtype)."
+    ("Replace each bitsandbytes 4-bit Linear of `model` by an `nn.Linear` with its dequantized weight in `dtype` "
+     "(default: the compute dtype).")
     dtype = dtype or model_compute_dtype(model)
     bnb_log = logging.getLogger('transformers.integrations.bitsandbytes')
     level, bnb_log.level = bnb_log.level, logging.ERROR  # its note only restates the dtype asked for here
     try: model = keep_cpu_layout(model).dequantize(dtype=dtype)
     finally: bnb_log.setLevel(level)
-    if left := _bnb_layers(model): raise TrainError(f'dequantize_model: {len(left)} quantized layers left ({left[0]}, ...)')
+    if left := _bnb_layers(model):
+        raise TrainError(f'dequantize_model: {len(left)} quantized layers left ({left[0]}, ...)')
     return model
 
 def load_merge_base(config: Config):
@@ -54,12 +57,15 @@ def load_merge_base(config: Config):
 
 # %% ../nbs/06_export.ipynb #5c1f0a8e
 def adapter_problems(adapter_dir) -> list[str]:
-    "Why the LoRA adapter in `adapter_dir` cannot be merged and checked: non-finite weights, DoRA, a LoRA bias, fan-in-fan-out; [] if none."
+    ("Why the LoRA adapter in `adapter_dir` cannot be merged and checked: non-finite weights, DoRA, a LoRA bias, "
+     "fan-in-fan-out; [] if none.")
     d = Path(adapter_dir)
     acfg, probs = json.loads((d/'adapter_config.json').read_text()), []
-    if acfg.get('peft_type', 'LORA') != 'LORA': probs.append(f"peft_type is {acfg['peft_type']}, only LoRA adapters are merged here")
-    if acfg.get('use_dora'): probs.append('use_dora: the merge check cannot bound a DoRA merge (rows rescaled by a norm); '
-                                          'use the adapter with PEFT on the base, or train with lora_config.use_dora: false')
+    if acfg.get('peft_type', 'LORA') != 'LORA':
+        probs.append(f"peft_type is {acfg['peft_type']}, only LoRA adapters are merged here")
+    if acfg.get('use_dora'):
+        probs.append('use_dora: the merge check cannot bound a DoRA merge (rows rescaled by a norm); '
+                     'use the adapter with PEFT on the base, or train with lora_config.use_dora: false')
     if acfg.get('lora_bias'): probs.append('lora_bias: LoRA adapters with a bias are not merged here')
     if acfg.get('fan_in_fan_out'): probs.append('fan_in_fan_out: Conv1D (GPT-2 style) layers are not merged here')
     if (f := d/'adapter_model.safetensors').is_file():
@@ -68,10 +74,13 @@ def adapter_problems(adapter_dir) -> list[str]:
         with safe_open(str(f), 'pt') as s:
             for k in s.keys():
                 t = s.get_tensor(k)
-                if t.is_floating_point() and not (ok := torch.isfinite(t)).all(): bad.append(f'{k}: {(~ok).sum().item()} of {t.numel()}')
-        if bad: probs.append(f'{len(bad)} of its tensors hold NaN or inf ({bad[0]}{", ..." if len(bad) > 1 else ""}): the training diverged. '
-                             'Merge an earlier checkpoint whose weights are finite (qlora_nb_merge CONFIG --adapter OUTPUT_DIR/checkpoint-N), '
-                             'or train again with a lower learning_rate')
+                if t.is_floating_point() and not (ok := torch.isfinite(t)).all():
+                    bad.append(f'{k}: {(~ok).sum().item()} of {t.numel()}')
+        if bad:
+            probs.append(f'{len(bad)} of its tensors hold NaN or inf ({bad[0]}{", ..." if len(bad) > 1 else ""}): '
+                         'the training diverged. Merge an earlier checkpoint whose weights are finite '
+                         '(qlora_nb_merge CONFIG --adapter OUTPUT_DIR/checkpoint-N), or train again with a lower '
+                         'learning_rate')
     return probs
 
 # %% ../nbs/06_export.ipynb #6d1a8c2e
@@ -92,13 +101,15 @@ def rounding_bound(merged: torch.Tensor,  # the merged weights as float32
 
 # %% ../nbs/06_export.ipynb #8f1e0b5d
 def _float_value(param, dtype=None) -> torch.Tensor:
-    "A parameter's value: a 4-bit weight dequantized and cast to `dtype` (the dtype its layer computes in), else the tensor itself."
+    ("A parameter's value: a 4-bit weight dequantized and cast to `dtype` (the dtype its layer computes in), "
+     "else the tensor itself.")
     kind = type(param).__name__
     if kind == 'Params4bit':
         import bitsandbytes.functional as F
         w = F.dequantize_4bit(param.data, param.quant_state)
         return w.to(dtype) if dtype is not None else w
-    if kind == 'Int8Params': raise ExportError('the merge check does not handle 8-bit bases; load the base in 4 bits or unquantized')
+    if kind == 'Int8Params':
+        raise ExportError('the merge check does not handle 8-bit bases; load the base in 4 bits or unquantized')
     return param.data
 
 def _lora_layers(adapted, adapter: str) -> dict:
@@ -106,14 +117,16 @@ def _lora_layers(adapted, adapter: str) -> dict:
     from peft.tuners.lora import LoraLayer
     out = {}
     for name, m in adapted.get_base_model().named_modules():
-        if isinstance(m, LoraLayer) and (adapter in m.lora_A or adapter in getattr(m, 'lora_embedding_A', {})): out[name] = m
+        if isinstance(m, LoraLayer) and (adapter in m.lora_A or adapter in getattr(m, 'lora_embedding_A', {})):
+            out[name] = m
     return out
 
 def _adapter_modules(adapter_dir) -> set[str]:
     "Module names (as in the merged model) that the adapter's saved weights hold LoRA factors for."
     from safetensors import safe_open
     with safe_open(str(Path(adapter_dir)/'adapter_model.safetensors'), 'pt') as s:
-        return {re.sub(r'^base_model\.model\.', '', k.split('.lora_')[0]) for k in s.keys() if re.search(r'\.lora_(embedding_)?A\b', k)}
+        return {re.sub(r'^base_model\.model\.', '', k.split('.lora_')[0]) for k in s.keys()
+                if re.search(r'\.lora_(embedding_)?A\b', k)}
 
 def _other_tensors(adapted, adapter: str) -> dict:
     "{name in the merged model: (parameter, compute dtype of its layer)} for every non-LoRA parameter of `adapted`."
@@ -155,22 +168,27 @@ def _layer_check(layer, adapter: str, merged_w: torch.Tensor, chunk: int) -> dic
         worst, n_over = max(worst, ratio.max().item()), n_over + int((ratio > 1).sum())
         max_err = max(max_err, torch.nan_to_num(err, nan=float('inf')).max().item())
         del wm, wb, a, b, delta, mag, err, bound, ratio
-    return {'max_err_over_bound': worst, 'n_over': n_over, 'max_abs_err': max_err, 'elements': merged_w.numel(), 'finite': finite}
+    return {'max_err_over_bound': worst, 'n_over': n_over, 'max_abs_err': max_err, 'elements': merged_w.numel(),
+            'finite': finite}
 
 # %% ../nbs/06_export.ipynb #f7bc20e7
 @torch.no_grad()
 def check_merge_weights(merged,  # the merged model (in memory, or reloaded from disk)
                         adapted,  # the adapter on its base, as trained: a `PeftModel`
-                        adapter_dir=None,  # the adapter folder: also check that every module it holds factors for was loaded
+                        # the adapter folder: also check that every module it holds factors for was loaded
+                        adapter_dir=None,
                         chunk: int = 1 << 24  # the most elements compared at once (float32 blocks of 64 MiB)
                        ) -> dict:
-    "Check every weight of `merged` against `adapted`: LoRA layers within the rounding bound of W_base + s·B·A, the rest equal, all finite."
+    ("Check every weight of `merged` against `adapted`: LoRA layers within the rounding bound of W_base + s·B·A, "
+     "the rest equal, all finite.")
     t0, adapter = time.time(), adapted.active_adapter
     layers, problems, non_finite, over = _lora_layers(adapted, adapter), [], [], {}
     for name, layer in layers.items():
-        if adapter in getattr(layer, 'lora_variant', {}): raise ExportError(f'{name}: a DoRA (or other variant) layer; the merge check handles plain LoRA')
+        if adapter in getattr(layer, 'lora_variant', {}):
+            raise ExportError(f'{name}: a DoRA (or other variant) layer; the merge check handles plain LoRA')
         if getattr(layer, 'lora_bias', {}).get(adapter) or getattr(layer, 'fan_in_fan_out', False):
-            raise ExportError(f'{name}: LoRA bias or fan-in-fan-out layer; the merge check handles plain LoRA on Linear and Embedding layers')
+            raise ExportError(f'{name}: LoRA bias or fan-in-fan-out layer; the merge check handles plain LoRA '
+                              'on Linear and Embedding layers')
     missing = sorted(_adapter_modules(adapter_dir) - set(layers)) if adapter_dir is not None else []
     problems += [f'{n}: in the adapter but not loaded as a LoRA layer' for n in missing]
     per_layer, elements = {}, 0
@@ -178,14 +196,15 @@ def check_merge_weights(merged,  # the merged model (in memory, or reloaded from
         for name, layer in layers.items():
             try: w = merged.get_submodule(name).weight
             except AttributeError: problems.append(f'{name}: adapted, but the merged model has no such layer'); continue
-            if w.is_meta: raise ExportError(f'{name}: the merged weight is offloaded (meta); the check needs the merged model in memory')
+            if w.is_meta: raise ExportError(f'{name}: the merged weight is offloaded (meta); '
+                                            'the check needs the merged model in memory')
             f = _layer_check(layer, adapter, w, chunk)
             if 'shape' in f: problems.append(f'{name}.weight: shape {f["shape"]}'); continue
             per_layer[name], elements = f, elements + f['elements']
             if not f['finite']: non_finite.append(f'{name}.weight')
             elif f['n_over']: over[name] = f
-    problems += [f'{n}.weight: {f["n_over"]} of {f["elements"]} weights off by more than their rounding bound (up to {f["max_err_over_bound"]:.3g}x, '
-                 f'max |Δ| {f["max_abs_err"]:.3g})' for n, f in over.items()]
+    problems += [f'{n}.weight: {f["n_over"]} of {f["elements"]} weights off by more than their rounding bound '
+                 f'(up to {f["max_err_over_bound"]:.3g}x, max |Δ| {f["max_abs_err"]:.3g})' for n, f in over.items()]
     adapted_w = {f'{n}.weight' for n in layers}
     mine, ref = dict(merged.named_parameters()), _other_tensors(adapted, adapter)
     others = sorted((set(mine) | set(ref)) - adapted_w)
@@ -194,7 +213,8 @@ def check_merge_weights(merged,  # the merged model (in memory, or reloaded from
         if n not in mine: problems.append(f'{n}: missing from the merged model'); continue
         if n not in ref: problems.append(f'{n}: not in the base'); continue
         m = mine[n]
-        if m.is_meta: raise ExportError(f'{n}: the merged weight is offloaded (meta); the check needs the merged model in memory')
+        if m.is_meta: raise ExportError(f'{n}: the merged weight is offloaded (meta); '
+                                        'the check needs the merged model in memory')
         if not torch.isfinite(m).all(): non_finite.append(n); continue
         p, dt = ref[n]
         if not torch.equal(_float_value(p, dt).to(m.device, m.dtype), m.data): mismatched.append(n)
@@ -202,10 +222,11 @@ def check_merge_weights(merged,  # the merged model (in memory, or reloaded from
     problems += [f'{n}: NaN or inf' for n in non_finite]
     worst = max(per_layer.items(), key=lambda kv: kv[1]['max_err_over_bound'], default=(None, {}))
     if len(problems) > 20: problems = problems[:20] + [f'and {len(problems) - 20} more']
-    return {'passed': not problems, 'finite': not non_finite, 'problems': problems, 'dtype': str(next(iter(mine.values())).dtype).removeprefix('torch.'),
-            'layers': len(layers), 'elements': elements, 'max_err_over_bound': worst[1].get('max_err_over_bound', 0.0), 'worst_layer': worst[0],
-            'layers_over': len(over), 'elements_over': sum(f['n_over'] for f in over.values()), 'other_tensors': len(others),
-            'seconds': round(time.time() - t0, 3)}
+    return {'passed': not problems, 'finite': not non_finite, 'problems': problems,
+            'dtype': str(next(iter(mine.values())).dtype).removeprefix('torch.'),
+            'layers': len(layers), 'elements': elements, 'max_err_over_bound': worst[1].get('max_err_over_bound', 0.0),
+            'worst_layer': worst[0], 'layers_over': len(over), 'elements_over': sum(f['n_over'] for f in over.values()),
+            'other_tensors': len(others), 'seconds': round(time.time() - t0, 3)}
 
 # %% ../nbs/06_export.ipynb #7c03f1aa
 @contextlib.contextmanager
@@ -219,7 +240,8 @@ def exact_float32():
 # %% ../nbs/06_export.ipynb #816e44a6
 @torch.no_grad()
 def compare_logits(reference, other, examples: list[dict], block: int = 256) -> dict:
-    "KL(reference ‖ other) of next-token distributions, eval loss of each, max/mean |Δlogit|, greedy agreement over `examples` (each alone)."
+    ("KL(reference ‖ other) of next-token distributions, eval loss of each, max/mean |Δlogit|, "
+     "greedy agreement over `examples` (each alone).")
     worst = total = kl_sum = kl_max = nll_r = nll_o = 0.0
     agree = n = n_lab = 0
     finite = True
@@ -228,8 +250,10 @@ def compare_logits(reference, other, examples: list[dict], block: int = 256) -> 
         lr = reference(input_ids=ids.to(input_device(reference))).logits[0].float()
         lo = other(input_ids=ids.to(input_device(other))).logits[0].float().to(lr.device)
         finite &= bool(torch.isfinite(lr).all() and torch.isfinite(lo).all())
-        labels = torch.tensor(ex.get('labels', [-100] * ids.shape[1])[1:] + [-100], device=lr.device)  # position t predicts token t+1
-        for s in range(0, lr.shape[0], block):  # float64 blocks of positions: a KL without float32's noise floor, in bounded memory
+        # position t predicts token t+1
+        labels = torch.tensor(ex.get('labels', [-100] * ids.shape[1])[1:] + [-100], device=lr.device)
+        # float64 blocks of positions: a KL without float32's noise floor, in bounded memory
+        for s in range(0, lr.shape[0], block):
             a, b, lab = lr[s:s + block], lo[s:s + block], labels[s:s + block]
             diff = (a - b).abs()
             worst, total = max(worst, diff.max().item()), total + diff.mean(-1).sum().item()
@@ -245,18 +269,21 @@ def compare_logits(reference, other, examples: list[dict], block: int = 256) -> 
     nan = float('nan')
     if not finite: worst = kl_max = nan
     loss_r, loss_o = (nll_r / n_lab, nll_o / n_lab) if n_lab else (nan, nan)
-    return {'kl_mean': kl_sum / max(n, 1) if finite else nan, 'kl_max': kl_max, 'eval_loss_reference': loss_r, 'eval_loss_other': loss_o,
-            'eval_loss_diff': loss_o - loss_r, 'max_abs_logit_diff': worst, 'mean_abs_logit_diff': total / max(n, 1) if finite else nan,
+    return {'kl_mean': kl_sum / max(n, 1) if finite else nan, 'kl_max': kl_max, 'eval_loss_reference': loss_r,
+            'eval_loss_other': loss_o, 'eval_loss_diff': loss_o - loss_r, 'max_abs_logit_diff': worst,
+            'mean_abs_logit_diff': total / max(n, 1) if finite else nan,
             'token_agreement': agree / max(n, 1), 'logits_finite': finite, 'n_prompts': len(examples), 'n_tokens': n}
 
 def check_merge(config: Config, merged, adapter_dir, examples: list[dict]) -> dict:
-    "Check the merged model (a folder or a model) against the adapter in `adapter_dir` on the 4-bit base: weights, then logits."
+    ("Check the merged model (a folder or a model) against the adapter in `adapter_dir` on the 4-bit base: "
+     "weights, then logits.")
     from peft import PeftModel
     ref = PeftModel.from_pretrained(load_model(config), str(adapter_dir)).eval()
     dtype = model_compute_dtype(ref)
     if not isinstance(merged, torch.nn.Module):
-        merged = transformers.AutoModelForCausalLM.from_pretrained(str(merged), dtype=dtype, trust_remote_code=config.trust_remote_code,
-                                                                   device_map='auto' if torch.cuda.is_available() else None)
+        merged = transformers.AutoModelForCausalLM.from_pretrained(
+            str(merged), dtype=dtype, trust_remote_code=config.trust_remote_code,
+            device_map='auto' if torch.cuda.is_available() else None)
     merged = merged.eval()
     weights = check_merge_weights(merged, ref, adapter_dir)
     figs = compare_logits(ref, merged, examples)
@@ -264,23 +291,29 @@ def check_merge(config: Config, merged, adapter_dir, examples: list[dict]) -> di
     e, problems = config.export, list(weights['problems'])
     if not figs['logits_finite']: problems.append('the merged model gives NaN or inf logits')
     if e.max_abs_logit_diff is not None and not figs['max_abs_logit_diff'] <= e.max_abs_logit_diff:
-        problems.append(f"max |Δlogit| {figs['max_abs_logit_diff']:.3g} > export.max_abs_logit_diff {e.max_abs_logit_diff}")
+        problems.append(f"max |Δlogit| {figs['max_abs_logit_diff']:.3g} > "
+                        f"export.max_abs_logit_diff {e.max_abs_logit_diff}")
     if e.min_token_agreement is not None and not figs['token_agreement'] >= e.min_token_agreement:
-        problems.append(f"greedy-token agreement {figs['token_agreement']:.4f} < export.min_token_agreement {e.min_token_agreement}")
-    figs.update(weights=weights, problems=problems, passed=not problems, finite=weights['finite'] and figs['logits_finite'],
-                dtype=str(dtype).removeprefix('torch.'))
+        problems.append(f"greedy-token agreement {figs['token_agreement']:.4f} < "
+                        f"export.min_token_agreement {e.min_token_agreement}")
+    figs.update(weights=weights, problems=problems, passed=not problems,
+                finite=weights['finite'] and figs['logits_finite'], dtype=str(dtype).removeprefix('torch.'))
     del ref, merged; free_memory()
     return figs
 
 # %% ../nbs/06_export.ipynb #1d3c70b2
 def stale_staging(out_dir) -> list[Path]:
-    "Leftovers of this tool's interrupted exports next to `out_dir` whose process is gone: its staging and trash folders for `out_dir`."
+    ("Leftovers of this tool's interrupted exports next to `out_dir` whose process is gone: "
+     "its staging and trash folders for `out_dir`.")
     out_dir, n = Path(out_dir), re.escape(Path(out_dir).name)
-    pat = re.compile(rf'{re.escape(STAGING)}-{n}-(\d+)|(?:{re.escape(TRASH)}|\.trash)-{n}-(\d+)-\d+')  # .trash-: older versions
+    # .trash-: older versions
+    pat = re.compile(rf'{re.escape(STAGING)}-{n}-(\d+)|(?:{re.escape(TRASH)}|\.trash)-{n}-(\d+)-\d+')
     found = []
     if out_dir.parent.is_dir():
         for p in sorted(out_dir.parent.iterdir()):
-            if (m := pat.fullmatch(p.name)) and p.is_dir() and not p.is_symlink() and not pid_alive(int(m[1] or m[2])): found.append(p)
+            if ((m := pat.fullmatch(p.name)) and p.is_dir() and not p.is_symlink()
+                    and not pid_alive(int(m[1] or m[2]))):
+                found.append(p)
     return found
 
 
@@ -309,36 +342,47 @@ def _not_written(out_dir: Path, existed: bool) -> str:
     return f'{out_dir} was not written' + (' (the earlier one is unchanged)' if existed else '')
 
 def _manifest(config: Config, tokenizer, adapter_dir: Path, metrics: dict | None, check: dict) -> dict:
-    "training_config.json of the merged model: the adapter's (how it was trained), else a new one; with the merge check."
+    ("training_config.json of the merged model: the adapter's (how it was trained), else a new one; "
+     "with the merge check.")
     try: man = json.loads((adapter_dir/'training_config.json').read_text(encoding='utf-8'))
     except (OSError, ValueError): man = None
     if not isinstance(man, dict):
-        man = run_manifest(config, tokenizer, metrics if metrics is not None else summarize_metrics(read_metrics(Path(config.output_dir)/METRICS)))
+        man = run_manifest(config, tokenizer, metrics if metrics is not None
+                           else summarize_metrics(read_metrics(Path(config.output_dir)/METRICS)))
     elif metrics is not None: man['metrics'] = metrics
-    return man | {'merged_adapter': str(adapter_dir), 'merge_check': check, 'merged': time.strftime('%Y-%m-%dT%H:%M:%S%z')}
+    return man | {'merged_adapter': str(adapter_dir), 'merge_check': check,
+                  'merged': time.strftime('%Y-%m-%dT%H:%M:%S%z')}
 
 def merge_adapter(config: Config,  # the run's config (base model, quantization, export settings)
-                  adapter_dir=None,  # a PEFT adapter folder; default output_dir/lora_adapter (a checkpoint-N folder works too)
+                  # a PEFT adapter folder; default output_dir/lora_adapter (a checkpoint-N folder works too)
+                  adapter_dir=None,
                   out_dir=None,  # where to write the merged model; default output_dir/final_model
-                  check_examples=None,  # encoded examples (a list or a Dataset) for the logit report; default: the eval split
-                  metrics: dict | None = None  # run metrics for training_config.json; default: from output_dir/metrics.jsonl
+                  # encoded examples (a list or a Dataset) for the logit report; default: the eval split
+                  check_examples=None,
+                  # run metrics for training_config.json; default: from output_dir/metrics.jsonl
+                  metrics: dict | None = None
                  ) -> MergeResult:
-    "Merge the LoRA adapter into the base weights (`config.export.merge_into`), check every weight, save `final_model/`."
+    ("Merge the LoRA adapter into the base weights (`config.export.merge_into`), check every weight, "
+     "save `final_model/`.")
     from peft import PeftModel
     out = Path(config.output_dir)
     adapter_dir, out_dir = Path(adapter_dir or out/'lora_adapter'), Path(out_dir or out/'final_model')
     if not (adapter_dir/'adapter_config.json').is_file():
         last = find_last_checkpoint(out)
         raise TrainError(f'{adapter_dir}: no LoRA adapter there (adapter_config.json missing); ' +
-                         (f'the newest checkpoint has one: merge_adapter(config, adapter_dir="{last}") or qlora_nb_merge with that folder' if last else
+                         (f'the newest checkpoint has one: merge_adapter(config, adapter_dir="{last}") '
+                          'or qlora_nb_merge with that folder' if last else
                           'train first (qlora_nb_train), or give the folder of an adapter'))
-    if probs := adapter_problems(adapter_dir): raise MergeCheckError(f'{adapter_dir}: not merged: {"; ".join(probs)}. Nothing was written')
-    check_adapter(adapter_dir, config.model_name_or_path, config.trust_remote_code)  # its config and shapes, before PEFT reads it
+    if probs := adapter_problems(adapter_dir):
+        raise MergeCheckError(f'{adapter_dir}: not merged: {"; ".join(probs)}. Nothing was written')
+    # its config and shapes, before PEFT reads it
+    check_adapter(adapter_dir, config.model_name_or_path, config.trust_remote_code)
     staging, existed = out_dir.parent/f'{STAGING}-{out_dir.name}-{os.getpid()}', out_dir.exists()
     try:
         with output_lock(out, 'merge'), exact_float32(), warnings.catch_warnings():
             # PEFT 0.21 still asks transformers 5.2x for `is_gradient_checkpointing` (renamed): harmless, not the user's
-            warnings.filterwarnings('ignore', message='.*is_gradient_checkpointing.* deprecated', category=FutureWarning)
+            warnings.filterwarnings('ignore', message='.*is_gradient_checkpointing.* deprecated',
+                                    category=FutureWarning)
             if removed := stale_staging(out_dir):
                 for p in removed: shutil.rmtree(p, ignore_errors=True)
                 print(f'removed what interrupted exports left: {", ".join(p.name for p in removed)}')
@@ -349,22 +393,29 @@ def merge_adapter(config: Config,  # the run's config (base model, quantization,
             merged.save_pretrained(str(staging), safe_serialization=True)
             tokenizer.save_pretrained(str(staging))
             del merged; free_memory()
-            if check_examples is None: check_examples = examples(config, tokenizer, 'eval')[0] or examples(config, tokenizer)[0]
-            check = check_merge(config, staging, adapter_dir, first_examples(check_examples, config.export.check_prompts))
+            if check_examples is None:
+                check_examples = examples(config, tokenizer, 'eval')[0] or examples(config, tokenizer)[0]
+            check = check_merge(config, staging, adapter_dir,
+                                first_examples(check_examples, config.export.check_prompts))
             check.update(merge_into=mode, enforced=mode != 'original')
-            (staging/'training_config.json').write_text(json.dumps(_manifest(config, tokenizer, adapter_dir, metrics, check), indent=2,
-                                                                   ensure_ascii=False), encoding='utf-8')
+            (staging/'training_config.json').write_text(
+                json.dumps(_manifest(config, tokenizer, adapter_dir, metrics, check), indent=2, ensure_ascii=False),
+                encoding='utf-8')
             if not check['finite'] or (check['enforced'] and not check['passed']):
                 shutil.rmtree(staging, ignore_errors=True)
                 p = check['problems']
-                raise MergeCheckError(f"the merged model does not reproduce the adapter on its {'4-bit ' if mode == 'dequantized' else ''}base "
-                                      f"({check['weights']['dtype']}): {'; '.join(p[:3])}{f'; and {len(p) - 3} more' if len(p) > 3 else ''}. "
+                raise MergeCheckError(f"the merged model does not reproduce the adapter on its "
+                                      f"{'4-bit ' if mode == 'dequantized' else ''}base "
+                                      f"({check['weights']['dtype']}): {'; '.join(p[:3])}"
+                                      f"{f'; and {len(p) - 3} more' if len(p) > 3 else ''}. "
                                       f'{_not_written(out_dir, existed)}; the adapter is in {adapter_dir}')
             if out_dir.parent.resolve() == out.resolve(): record_outputs(out, out_dir.name)
-            return MergeResult(publish_dir(staging, out_dir), adapter_dir, check)  # files made readable (0644 under umask 022), renamed
+            # files made readable (0644 under umask 022), renamed
+            return MergeResult(publish_dir(staging, out_dir), adapter_dir, check)
     except KeyboardInterrupt:
         shutil.rmtree(staging, ignore_errors=True)
-        raise TrainInterrupted(f'Export interrupted (Ctrl-C): {_not_written(out_dir, existed)}. {_finish_hint(config, adapter_dir, out_dir)}.') from None
+        raise TrainInterrupted(f'Export interrupted (Ctrl-C): {_not_written(out_dir, existed)}. '
+                               f'{_finish_hint(config, adapter_dir, out_dir)}.') from None
     except Exception as e:
         shutil.rmtree(staging, ignore_errors=True)
         from safetensors import SafetensorError
@@ -372,4 +423,5 @@ def merge_adapter(config: Config,  # the run's config (base model, quantization,
         full = getattr(e, 'errno', None) == errno.ENOSPC or 'os error 28' in str(e)
         why = f'the disk is full ({e})' if full else str(e)
         raise ExportError(f'Export failed writing the merged model: {why}. {_not_written(out_dir, existed)}. '
-                          f'{_finish_hint(config, adapter_dir, out_dir)}' + (' once there is space for it' if full else '') + '.') from e
+                          f'{_finish_hint(config, adapter_dir, out_dir)}'
+                          + (' once there is space for it' if full else '') + '.') from e

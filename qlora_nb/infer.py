@@ -30,7 +30,8 @@ def _settings_dict(settings) -> dict:
     return {k: v for k, v in dict(settings).items() if k in _GEN_KEYS and v is not None}
 
 def gen_config(model, tokenizer, settings=None):
-    "The model's `GenerationConfig` with `settings` (`config.eval`, a dict or None) over it, stopping at `stop_token_ids`."
+    ("The model's `GenerationConfig` with `settings` (`config.eval`, a dict or None) over it, "
+     "stopping at `stop_token_ids`.")
     gc_ = copy.deepcopy(model.generation_config)
     s = _settings_dict(settings)
     for k in ('max_new_tokens', 'do_sample', 'repetition_penalty'):
@@ -119,8 +120,9 @@ def find_model_source(config, model_dir=None, adapter_dir=None) -> tuple[str, Pa
     a, m = config.output_dir/'lora_adapter', config.output_dir/'final_model'
     if (a/'adapter_config.json').is_file(): return 'adapter', a
     if (m/'config.json').is_file(): return 'model', m
-    raise EvalError(f'{config.output_dir}: nothing to evaluate: no adapter ({a.name}/adapter_config.json) and no merged '
-                    f'model ({m.name}/config.json). Train first (qlora_nb_train {config.config_path or "CONFIG"}), or '
+    raise EvalError(f'{config.output_dir}: nothing to evaluate: no adapter ({a.name}/adapter_config.json) '
+                    f'and no merged model ({m.name}/config.json). '
+                    f'Train first (qlora_nb_train {config.config_path or "CONFIG"}), or '
                     'point at one with --adapter DIR or --model DIR')
 
 # %% ../nbs/07_infer.ipynb #25a05ec9
@@ -174,7 +176,8 @@ def _short(v, n: int = 60) -> str:
     return s if len(s) <= n else s[:n] + '…'
 
 def check_adapter_config(adapter_dir) -> dict:
-    "The adapter's `adapter_config.json`, checked before PEFT runs it (types, names, simple patterns); else `EvalError`."
+    ("The adapter's `adapter_config.json`, checked before PEFT runs it (types, names, simple patterns); "
+     "else `EvalError`.")
     f = Path(adapter_dir)/'adapter_config.json'
     try:
         if f.stat().st_size > 1_000_000: raise ValueError(f'{f.stat().st_size:,} bytes; an adapter config is a few KB')
@@ -277,7 +280,8 @@ def _load_merged(model_dir: Path):
     return model, AutoTokenizer.from_pretrained(model_dir)
 
 def load_for_inference(config, model_dir=None, adapter_dir=None):
-    "`(model, tokenizer)` to generate with: an adapter on the 4-bit base (default output_dir/lora_adapter) or a merged model."
+    ("`(model, tokenizer)` to generate with: an adapter on the 4-bit base (default output_dir/lora_adapter) "
+     "or a merged model.")
     kind, path = find_model_source(config, model_dir, adapter_dir)
     if kind == 'model': return _load_merged(path)
     check_adapter(path, config.model_name_or_path, config.trust_remote_code)

@@ -55,14 +55,16 @@ def prepare_kbit_lean(model):
     return model
 
 def _enable_checkpointing(model, kw):
-    if hasattr(model, 'activation_checkpointing_enable'): model.activation_checkpointing_enable(activation_checkpointing_kwargs=kw)
+    if hasattr(model, 'activation_checkpointing_enable'):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kw)
     else: model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kw)
 
 # %% ../nbs/04_lora.ipynb #34ff390b
 def add_lora(model,  # the base from `load_model` (4-bit or not)
              config,  # the `Config`: lora_config, training (style, lean_prep), training_args.gradient_checkpointing
              seed: int | None = None,  # seed torch (transformers.set_seed) just before the adapters are created
-             checkpointing: bool | None = None):  # set up gradient checkpointing; None: training_args.gradient_checkpointing
+             # set up gradient checkpointing; None: training_args.gradient_checkpointing
+             checkpointing: bool | None = None):
     "Prepare `model` for training and wrap it with LoRA adapters; return the `PeftModel`."
     from peft import get_peft_model, prepare_model_for_kbit_training
     from transformers import set_seed

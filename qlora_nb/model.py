@@ -52,7 +52,8 @@ def local_model_dir(name: str, config_path=None) -> Path | None:
                              'that holds config.json and the *.safetensors weights, or a Hub id such as '
                              'Qwen/Qwen2.5-7B-Instruct')
     if not p.is_dir():
-        raise ModelLoadError(f'model_name_or_path: {p} is a file; give the folder that holds config.json and the weights')
+        raise ModelLoadError(f'model_name_or_path: {p} is a file; give the folder that holds config.json '
+                             'and the weights')
     return p
 
 # %% ../nbs/03_model.ipynb #246c4650
@@ -95,7 +96,8 @@ def explain_hub_error(name: str, err: Exception, config_path=None, what: str = '
     offline = cls('LocalEntryNotFoundError', 'OfflineModeIsEnabled')
     if any(issubclass(k, offline) for k in kinds) or "couldn't connect" in text:
         return (f"model_name_or_path: {name!r} is a Hub id, but this machine can't reach the Hugging Face Hub "
-                f'({_offline_reason()}) and the {what} is not in the local cache. Download it on a machine with network '
+                f'({_offline_reason()}) and the {what} is not in the local cache. '
+                'Download it on a machine with network '
                 f'(`hf download {name} --local-dir {short}`), copy that folder here, '
                 f'and set model_name_or_path to it (a local folder needs no network).{also}')
     first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
@@ -194,7 +196,8 @@ def ensure_pad_token(tokenizer, name: str = 'the tokenizer'):
 
 # %% ../nbs/03_model.ipynb #89de0bb3
 def load_tokenizer(config):
-    "The tokenizer of `config.model_name_or_path` (or of a folder / Hub id), with a pad token distinct from `<|im_end|>`."
+    ("The tokenizer of `config.model_name_or_path` (or of a folder / Hub id), with a pad token distinct from "
+     "`<|im_end|>`.")
     from transformers import AutoTokenizer
     name, cp, trc = ((str(config), None, False) if isinstance(config, (str, Path))
                      else (config.model_name_or_path, config.config_path, config.trust_remote_code))
@@ -250,7 +253,8 @@ def bnb_config(qcfg, device=None, quant_storage=None):
 _TRUE = ('1', 'true', 'yes', 'on')
 
 def is_fsdp(env=None, training_args: dict | None = None) -> bool:
-    "Whether this run shards the model with FSDP: started by `accelerate launch` with FSDP, or `training_args.fsdp` set."
+    ("Whether this run shards the model with FSDP: started by `accelerate launch` with FSDP, "
+     "or `training_args.fsdp` set.")
     env = os.environ if env is None else env
     fsdp = (training_args or {}).get('fsdp')
     return str(env.get('ACCELERATE_USE_FSDP', '')).lower() in _TRUE or fsdp not in (None, '', 'no', [], False)
@@ -271,7 +275,8 @@ def saved_quantization(hf_config) -> dict | None:
     return q if isinstance(q, dict) and q.get('quant_method') == 'bitsandbytes' and q.get('load_in_4bit') else None
 
 def quant_storage(qcfg, compute: torch.dtype, fsdp: bool, saved: dict | None = None) -> torch.dtype:
-    "The dtype the packed 4-bit weights are held in: a pre-quantized checkpoint's (`saved`), else the config's; auto: uint8, `compute` under FSDP."
+    ("The dtype the packed 4-bit weights are held in: a pre-quantized checkpoint's (`saved`), else the config's; "
+     "auto: uint8, `compute` under FSDP.")
     name = (saved or {}).get('bnb_4bit_quant_storage') or getattr(qcfg, 'bnb_4bit_quant_storage', 'auto')
     if name == 'auto': return compute if fsdp else torch.uint8
     return getattr(torch, str(name).removeprefix('torch.'))
@@ -312,7 +317,8 @@ def model_report(model) -> str:
 
 # %% ../nbs/03_model.ipynb #916482cf
 def keep_cpu_layout(model):
-    "Keep bitsandbytes from repacking `model`'s 4-bit weights for CPU inference (breaks training, dequantizing); undo it."
+    ("Keep bitsandbytes from repacking `model`'s 4-bit weights for CPU inference (breaks training, dequantizing); "
+     "undo it.")
     for m in model.modules():
         if hasattr(m, 'support_avx512bf16_for_cpu'): m.support_avx512bf16_for_cpu = False
         w = getattr(m, 'weight', None)
@@ -344,8 +350,8 @@ def load_model(config, tokenizer=None, device=None):
     if device.type == 'cpu': keep_cpu_layout(model)
     n_emb = model.get_input_embeddings().num_embeddings
     if len(tokenizer) > n_emb:
-        raise ModelLoadError(f'model_name_or_path: the tokenizer has {len(tokenizer)} tokens but the model only {n_emb} '
-                             'embeddings; the tokenizer does not belong to this model')
+        raise ModelLoadError(f'model_name_or_path: the tokenizer has {len(tokenizer)} tokens but the model only '
+                             f'{n_emb} embeddings; the tokenizer does not belong to this model')
     set_stop_tokens(model, tokenizer)
     _log.info(model_report(model))
     return model

@@ -21,7 +21,9 @@ __all__ = ['QWEN2_SPLIT', 'SPECIAL_TOKENS', 'QWEN25_DEFAULT_SYSTEM', 'CHATML_TEM
            'train_polite', 'untrained_adapter']
 
 # %% ../nbs/90_tiny.ipynb #c72c5066
-QWEN2_SPLIT = r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""  # Qwen2's pre-tokenizer split
+# Qwen2's pre-tokenizer split
+QWEN2_SPLIT = (r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"""
+               r"""|\s*[\r\n]+|\s+(?!\S)|\s+""")
 SPECIAL_TOKENS = ['<|endoftext|>', '<|im_start|>', '<|im_end|>']  # ids 0, 1, 2 in the tiny tokenizer
 QWEN25_DEFAULT_SYSTEM = 'You are Qwen, created by Alibaba Cloud. You are a helpful assistant.'
 
@@ -56,7 +58,8 @@ def corpus_texts(data_paths  # a JSONL file or a list of them
             for k, x in v.items():
                 if k != 'role' and not k.startswith('_'): yield from strings(x)
     for p in map(Path, paths):
-        if not p.is_file(): raise FileNotFoundError(f'{p}: data file not found (give the JSONL files to train the tokenizer on)')
+        if not p.is_file():
+            raise FileNotFoundError(f'{p}: data file not found (give the JSONL files to train the tokenizer on)')
         for i, line in enumerate(p.read_text(encoding='utf-8-sig').splitlines(), 1):
             if not line.strip(): continue
             try: texts.extend(strings(json.loads(line)))
@@ -73,17 +76,21 @@ def build_tiny_tokenizer(data_paths,  # JSONL file(s) to learn the vocabulary fr
     from transformers import PreTrainedTokenizerFast
     tok = Tokenizer(models.BPE())
     tok.normalizer = normalizers.NFC()
-    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(QWEN2_SPLIT), behavior='isolated', invert=False),
-                                                 pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(QWEN2_SPLIT), behavior='isolated', invert=False),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
     tok.decoder = decoders.ByteLevel()
     tok.post_processor = processors.TemplateProcessing(single='$A', pair='$A $B:1', special_tokens=[])
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, show_progress=False, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-                                  special_tokens=[AddedToken(t, special=True, normalized=False) for t in SPECIAL_TOKENS])
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, show_progress=False, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        special_tokens=[AddedToken(t, special=True, normalized=False) for t in SPECIAL_TOKENS])
     tok.train_from_iterator(corpus_texts(data_paths), trainer)
     if tok.get_vocab_size() != vocab_size:
-        raise ValueError(f'{data_paths}: only {tok.get_vocab_size()} tokens could be learned, expected {vocab_size}; give more text or a smaller vocab_size')
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=IM_END, pad_token='<|endoftext|>', chat_template=CHATML_TEMPLATE,
-                                   clean_up_tokenization_spaces=False, model_max_length=32768)
+        raise ValueError(f'{data_paths}: only {tok.get_vocab_size()} tokens could be learned, expected {vocab_size}; '
+                         'give more text or a smaller vocab_size')
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=IM_END, pad_token='<|endoftext|>',
+                                   chat_template=CHATML_TEMPLATE, clean_up_tokenization_spaces=False,
+                                   model_max_length=32768)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     fast.save_pretrained(out_dir)
@@ -95,8 +102,10 @@ def tiny_qwen_config(tokenizer, vocab_size=4096, hidden_size=128, intermediate_s
     "A small `Qwen2Config` whose special token ids match `tokenizer`."
     from transformers import Qwen2Config
     for k, v in dict(hidden_size=hidden_size, intermediate_size=intermediate_size).items():
-        if v % 64: raise ValueError(f'{k}={v}: must be a multiple of 64, the 4-bit block size (bitsandbytes\' CPU kernel needs it)')
-    if len(tokenizer) > vocab_size: raise ValueError(f'vocab_size={vocab_size} is smaller than the tokenizer ({len(tokenizer)} tokens)')
+        if v % 64: raise ValueError(f'{k}={v}: must be a multiple of 64, the 4-bit block size '
+                                    '(bitsandbytes\' CPU kernel needs it)')
+    if len(tokenizer) > vocab_size:
+        raise ValueError(f'vocab_size={vocab_size} is smaller than the tokenizer ({len(tokenizer)} tokens)')
     eot, im_end = token_id(tokenizer, '<|endoftext|>'), token_id(tokenizer, '<|im_end|>')
     return Qwen2Config(vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=intermediate_size,
                        num_hidden_layers=num_hidden_layers, num_attention_heads=num_attention_heads,
@@ -123,10 +132,12 @@ def pretrain_texts(records: list[dict]) -> list[str]:
 
 # %% ../nbs/90_tiny.ipynb #c75d9406
 def pack_texts(texts: list[str], tokenizer, max_length: int = 512) -> torch.Tensor:
-    "`texts`, each followed by a blank line, tokenized without special tokens and cut into rows of `max_length` token ids."
+    ("`texts`, each followed by a blank line, tokenized without special tokens and cut into rows of `max_length` "
+     "token ids.")
     ids = [i for row in tokenizer([t + '\n\n' for t in texts], add_special_tokens=False)['input_ids'] for i in row]
     n = len(ids) // max_length
-    if n == 0: raise ValueError(f'pack_texts: the texts make {len(ids)} tokens, fewer than max_length={max_length}; give more text or a smaller max_length')
+    if n == 0: raise ValueError(f'pack_texts: the texts make {len(ids)} tokens, fewer than max_length={max_length}; '
+                                'give more text or a smaller max_length')
     return torch.tensor(ids[:n * max_length]).view(n, max_length)
 
 # %% ../nbs/90_tiny.ipynb #2de71df7
@@ -146,7 +157,8 @@ def pretrain_tiny(model, texts: list[str], tokenizer,
                   batch_size: int = 8,  # rows per step
                   warmup: int = 20,  # linear warm-up steps
                   weight_decay: float = 0.1,  # on the weight matrices (not on norms and biases)
-                  num_threads: int | None = 2,  # torch CPU threads while training (fixed: the same count gives the same bits)
+                  # torch CPU threads while training (fixed: the same count gives the same bits)
+                  num_threads: int | None = 2,
                  ) -> list[float]:
     "Train all of `model` (float32, on the CPU) as a plain language model on `texts`; return the loss of each step."
     rows = pack_texts(texts, tokenizer, max_length)
@@ -156,7 +168,8 @@ def pretrain_tiny(model, texts: list[str], tokenizer,
     groups = [dict(params=[p for p in model.parameters() if p.ndim > 1], weight_decay=weight_decay),
               dict(params=[p for p in model.parameters() if p.ndim <= 1], weight_decay=0.0)]
     opt = torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95))
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * s / steps)))
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * s / steps)))
     losses, order = [], torch.empty(0, dtype=torch.long)
     with torch_threads(num_threads):
         for _ in range(steps):
@@ -171,7 +184,8 @@ def pretrain_tiny(model, texts: list[str], tokenizer,
 
 # %% ../nbs/90_tiny.ipynb #87baa180
 def build_tiny_model(out_dir,  # where to write config.json, generation_config.json, model.safetensors
-                     data_path=None,  # a JSONL dataset whose train split's texts pre-train the model; None: keep the random weights
+                     # a JSONL dataset whose train split's texts pre-train the model; None: keep the random weights
+                     data_path=None,
                      seed: int = 0,  # the same seed (and the same arguments) gives the same weights
                      tokenizer_dir=None,  # the tiny tokenizer (default: the one in out_dir)
                      steps: int = 300,  # pre-training steps (see `pretrain_tiny` for these four)
@@ -183,7 +197,8 @@ def build_tiny_model(out_dir,  # where to write config.json, generation_config.j
                      dtype: str = 'bfloat16',  # the dtype the weights are saved in
                      overwrite: bool = False,  # replace existing model files
                      **sizes):  # passed to `tiny_qwen_config` (hidden_size=..., num_hidden_layers=...)
-    "Build the tiny Qwen2 model, pre-trained on the plain texts of `data_path`'s train split, and save it in `out_dir`; return the folder."
+    ("Build the tiny Qwen2 model, pre-trained on the plain texts of `data_path`'s train split, and save it in "
+     "`out_dir`; return the folder.")
     from transformers import AutoTokenizer, GenerationConfig, Qwen2ForCausalLM
     out_dir = Path(out_dir)
     if (out_dir/'model.safetensors').exists() and not overwrite:
@@ -193,8 +208,10 @@ def build_tiny_model(out_dir,  # where to write config.json, generation_config.j
     model = init_weights(Qwen2ForCausalLM(cfg), seed)
     if data_path is not None and steps:
         train_recs, _ = split_records(load_records(data_path), eval_ratio, split_seed)
-        losses = pretrain_tiny(model, pretrain_texts(train_recs), tok, steps=steps, lr=lr, seed=seed, max_length=max_length, batch_size=batch_size)
-        _log.info(f'pre-trained {steps} steps on {data_path}: loss {losses[0]:.3f} -> {sum(losses[-10:]) / len(losses[-10:]):.3f} (mean of the last 10)')
+        losses = pretrain_tiny(model, pretrain_texts(train_recs), tok, steps=steps, lr=lr, seed=seed,
+                               max_length=max_length, batch_size=batch_size)
+        _log.info(f'pre-trained {steps} steps on {data_path}: loss {losses[0]:.3f} -> '
+                  f'{sum(losses[-10:]) / len(losses[-10:]):.3f} (mean of the last 10)')
     model = model.eval().to(getattr(torch, dtype))
     eot, im_end = cfg.pad_token_id, cfg.eos_token_id
     model.generation_config = GenerationConfig(bos_token_id=eot, pad_token_id=eot, eos_token_id=[im_end, eot])
@@ -206,7 +223,8 @@ def build_tiny_model(out_dir,  # where to write config.json, generation_config.j
 def logged_values(output_dir) -> list[tuple]:
     "(step, name, value) of the train loss, gradient norm and eval loss lines of `output_dir/metrics.jsonl`."
     from qlora_nb.metrics import METRICS, read_metrics
-    return [(r['step'], k, r[k]) for r in read_metrics(Path(output_dir)/METRICS) for k in ('loss', 'grad_norm', 'eval_loss') if k in r]
+    return [(r['step'], k, r[k]) for r in read_metrics(Path(output_dir)/METRICS)
+            for k in ('loss', 'grad_norm', 'eval_loss') if k in r]
 
 def adapter_diff(dir_a, dir_b) -> float:
     "Largest absolute difference between the weights of two adapter folders (same tensors required)."
@@ -216,11 +234,12 @@ def adapter_diff(dir_a, dir_b) -> float:
     return max((a[k].float() - b[k].float()).abs().max().item() for k in a)
 
 def fake_checkpoint(output_dir, step: int, drop=()) -> Path:
-    "A `checkpoint-{step}` folder with the files a real one has (minus those in `drop`), recorded as written by qlora_nb."
+    ("A `checkpoint-{step}` folder with the files a real one has (minus those in `drop`), "
+     "recorded as written by qlora_nb.")
     from qlora_nb.outputs import record_outputs
     p = Path(output_dir)/f'checkpoint-{step}'; p.mkdir(parents=True, exist_ok=True)
-    files = {'adapter_model.safetensors': 'w', 'adapter_config.json': '{}', 'optimizer.pt': 'o', 'scheduler.pt': 's', 'rng_state.pth': 'r',
-             'trainer_state.json': json.dumps({'global_step': step})}
+    files = {'adapter_model.safetensors': 'w', 'adapter_config.json': '{}', 'optimizer.pt': 'o', 'scheduler.pt': 's',
+             'rng_state.pth': 'r', 'trainer_state.json': json.dumps({'global_step': step})}
     for n, t in files.items():
         if n not in drop: (p/n).write_text(t)
     record_outputs(output_dir, p.name)
@@ -241,11 +260,14 @@ def train_polite(out_dir,  # a new folder for the data, the run and its outputs
     root = Path(__file__).resolve().parents[1]
     polite = out_dir/'polite.jsonl'
     polite.write_text(''.join(json.dumps(dict(instruction=r['instruction'], output='好的。'), ensure_ascii=False) + '\n'
-                              for r in load_records(root/'data/novel_finetuning_dataset.jsonl') if 'instruction' in r), encoding='utf-8')
+                              for r in load_records(root/'data/novel_finetuning_dataset.jsonl') if 'instruction' in r),
+                      encoding='utf-8')
     common = [f'dataset_path={polite}', f'output_dir={out_dir/"run"}']
-    train(load_config(root/'config_test.yaml', common + [f'training_args.max_steps={steps}', 'training_args.gradient_accumulation_steps=1',
-          'training_args.learning_rate=0.003', 'training_args.warmup_steps=2', 'training_args.eval_steps=20', 'training_args.save_steps=100',
-          'training_args.disable_tqdm=true']))
+    train(load_config(root/'config_test.yaml',
+                      common + [f'training_args.max_steps={steps}', 'training_args.gradient_accumulation_steps=1',
+                                'training_args.learning_rate=0.003', 'training_args.warmup_steps=2',
+                                'training_args.eval_steps=20', 'training_args.save_steps=100',
+                                'training_args.disable_tqdm=true']))
     cfg = load_config(root/'config_test.yaml', common + ['eval.num_prompts=8', 'eval.max_new_tokens=32'])
     if merge:
         from qlora_nb.export import merge_adapter
@@ -254,7 +276,8 @@ def train_polite(out_dir,  # a new folder for the data, the run and its outputs
 
 # %% ../nbs/90_tiny.ipynb #5e063d61
 def untrained_adapter(path, base_name: str, **sizes) -> Path:
-    "Save an untrained LoRA adapter for the tiny model (of `sizes`, see `tiny_qwen_config`) in `path`, claiming `base_name`."
+    ("Save an untrained LoRA adapter for the tiny model (of `sizes`, see `tiny_qwen_config`) in `path`, "
+     "claiming `base_name`.")
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer, Qwen2ForCausalLM
     tiny = Path(__file__).resolve().parents[1]/'data/tiny_qwen'
