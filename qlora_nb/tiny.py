@@ -72,7 +72,8 @@ def build_tiny_tokenizer(data_paths,  # JSONL file(s) to learn the vocabulary fr
                          vocab_size: int = 4096  # total tokens, the 3 special tokens included
                         ):
     "Train a Qwen2-style byte-level BPE on `data_paths` and save it, with a ChatML template, to `out_dir`."
-    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+    from tokenizers import (AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors,
+                            trainers)
     from transformers import PreTrainedTokenizerFast
     tok = Tokenizer(models.BPE())
     tok.normalizer = normalizers.NFC()
