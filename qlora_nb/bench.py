@@ -6,7 +6,7 @@
 from __future__ import annotations
 import json, math, os, random, shutil, statistics, subprocess, sys, tempfile, time
 from pathlib import Path
-from .config import EXIT_CONFIG, QloraError
+from .errors import EXIT_CONFIG, QloraError
 from .cli import command, run_command
 # torch, transformers and the training modules are imported where they are used: a row that runs Unsloth must import
 # it before transformers, in a process of its own.

@@ -9,7 +9,7 @@ from html import escape
 from dataclasses import dataclass, field
 import numpy as np
 import torch
-from .config import QloraError
+from .errors import QloraError
 from .data import _where, to_messages
 
 # %% auto #0

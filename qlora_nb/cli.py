@@ -12,8 +12,8 @@ import errno, json, pickle, sys
 from functools import wraps
 from fastcore.script import Param, anno_parser
 from . import __version__
-from .config import (EXIT_CONFIG, EXIT_INTERRUPTED, EXIT_IO, EXIT_OK, ConfigError, as_command,
-                             check_training_args, load_config, option)
+from .config import check_training_args, load_config
+from .errors import EXIT_CONFIG, EXIT_INTERRUPTED, EXIT_IO, EXIT_OK, ConfigError, as_command, option
 # Only the config is imported here. The data, model, training and inference modules import torch and transformers,
 # which take seconds (tens of seconds on a busy machine): each command imports what it needs after it has checked the
 # config and said so, so every command prints its first line within a second or two.

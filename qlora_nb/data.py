@@ -5,7 +5,7 @@
 # %% ../nbs/01_data.ipynb #64cb9500
 from __future__ import annotations
 import difflib, json, re, sys
-from .config import QloraError
+from .errors import QloraError
 
 # %% auto #0
 __all__ = ['ROLES', 'CONTROL_TOKENS', 'DataError', 'check_instruction', 'check_messages', 'text_problems', 'check_record',

@@ -7,7 +7,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 import torch
-from .config import Config, ConfigError
+from .config import Config
+from .errors import ConfigError
 from .model import check_model_source, compute_dtype, default_device, is_fsdp, quant_storage, saved_quantization
 
 # %% auto #0

@@ -8,7 +8,7 @@ import copy, dataclasses, json, re
 from dataclasses import dataclass
 from pathlib import Path
 import torch
-from .config import ConfigError, QloraError
+from .errors import ConfigError, QloraError
 from .model import input_device, load_model, load_tokenizer, offline_unless_reachable, stop_token_ids
 
 # %% auto #0

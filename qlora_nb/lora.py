@@ -10,7 +10,8 @@ __all__ = ['lora_config', 'linear_module_names', 'LoraTargetError', 'check_targe
 import difflib, functools, warnings
 from collections import Counter
 from torch import nn
-from .config import ConfigError, LoraSection
+from .config import LoraSection
+from .errors import ConfigError
 
 # %% ../nbs/04_lora.ipynb #81a86c62
 def lora_config(lcfg: LoraSection):

@@ -8,7 +8,7 @@ import json, math, os
 from pathlib import Path
 import torch
 from transformers import TrainerCallback
-from .config import option
+from .errors import option
 from .outputs import checkpoint_step, find_last_checkpoint
 from .resume import TrainError
 

@@ -16,7 +16,8 @@ from contextlib import contextmanager
 from pathlib import Path
 import torch
 from torch import nn
-from .config import ConfigError, QloraError, load_config
+from .config import load_config
+from .errors import ConfigError, QloraError
 from .chatml import IM_END, token_id
 
 # bitsandbytes 0.50 on a CPU tries to fetch an optional kernel from the Hub and warns when it can't; qlora_nb never

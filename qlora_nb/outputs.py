@@ -7,7 +7,7 @@ from __future__ import annotations
 import contextlib, hashlib, json, os, re, shutil, socket, sys, time
 from pathlib import Path
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
-from .config import ConfigError, QloraError, EXIT_LOCKED, EXIT_TRAIN
+from .errors import ConfigError, QloraError, EXIT_LOCKED, EXIT_TRAIN
 from .distributed import is_main  # under accelerate/torchrun only rank 0 touches files
 
 try: import fcntl

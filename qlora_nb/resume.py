@@ -7,7 +7,8 @@ from __future__ import annotations
 import hashlib, json, re, sys
 from pathlib import Path
 from transformers import TrainingArguments
-from .config import Config, QloraError, EXIT_TRAIN, EXIT_INTERRUPTED, option
+from .config import Config
+from .errors import QloraError, EXIT_TRAIN, EXIT_INTERRUPTED, option
 from .data import DataError
 from .sources import dataset_sha256, resolve_sources
 from .distributed import is_main

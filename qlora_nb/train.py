@@ -12,7 +12,8 @@ import transformers
 from transformers import Trainer, TrainerState, TrainingArguments
 from transformers.trainer_callback import ProgressCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
-from .config import Config, check_training_args, option
+from .config import Config, check_training_args
+from .errors import option
 from .chatml import PadCollator
 from .examples import examples
 from .model import compute_dtype, free_memory, load_tokenizer, load_model
