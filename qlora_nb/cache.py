@@ -11,7 +11,8 @@ import numpy as np
 from .chatml import AuditError, audit_examples, check_tokenizer, encode_batch
 from .data import DataError
 from .stats import LengthHistogram
-from .sources import Source, cache_root, iter_items, stat_key
+from .sources import Source, iter_items, stat_key
+from .split import cache_root
 
 # %% auto #0
 __all__ = ['FORMAT', 'BATCH', 'SMALL', 'CHUNK_MIN', 'COLUMNS', 'make_chunks', 'code_hash', 'tokenizer_hash', 'fingerprint',

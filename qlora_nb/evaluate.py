@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from .data import to_messages
-from .sources import load_split
+from .split import load_split
 from .chatml import PadCollator
 from .examples import examples
 from .model import free_memory, input_device, load_model, load_tokenizer

@@ -12,8 +12,8 @@ from .cache import COLUMNS, build_entry, check_space, fingerprint, load_entry
 from .chatml import TRUNCATION, AuditError, EncodeReport, audit_examples, check_tokenizer, encode_records
 from .data import DataError
 from .stats import LengthHistogram, StreamStats, _lines
-from .sources import (FileHashes, cache_root, combined_sha256, held_out, load_split, overlap, resolve_sources,
-                              scan_data, stat_key, where_name)
+from .sources import resolve_sources, scan_data, stat_key, where_name
+from .split import FileHashes, cache_root, combined_sha256, held_out, load_split, overlap
 
 # %% auto #0
 __all__ = ['Encoded', 'Checked', 'check_data', 'encoded', 'data_info', 'view', 'examples_in_memory', 'main_process_first',

@@ -9,7 +9,7 @@ from importlib import metadata
 from pathlib import Path
 from transformers import TrainingArguments
 from .config import Config
-from .sources import dataset_sha256
+from .split import dataset_sha256
 from .resume import base_model_info, jsonable, template_sha256
 
 # %% auto #0

@@ -10,7 +10,8 @@ from transformers import TrainingArguments
 from .config import Config
 from .errors import QloraError, EXIT_TRAIN, EXIT_INTERRUPTED, option
 from .data import DataError
-from .sources import dataset_sha256, resolve_sources
+from .sources import resolve_sources
+from .split import dataset_sha256
 from .distributed import is_main
 from .outputs import (LOCK, OUTPUT_MANIFEST, RUN_INFO, STAGING, TRASH, checkpoint_problems, checkpoint_step,
                               discard_dir, find_last_checkpoint, forget_outputs, natural_key, owned_outputs,

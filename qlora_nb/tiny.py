@@ -10,7 +10,8 @@ from pathlib import Path
 import torch
 from .config import DEFAULT_SYSTEM, load_config
 from .chatml import IM_END, token_id
-from .sources import load_records, split_records
+from .sources import load_records
+from .split import split_records
 
 _log = logging.getLogger(__name__)
 
