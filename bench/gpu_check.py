@@ -342,8 +342,9 @@ def merge_figures(final_dir: Path):
 
 
 def fmt_merge(mc):
-    """The merge check's figures on one line, whatever its keys (export.check_merge decides them): verdicts and the weight-space
-    check first, then the distribution distances, then the rest; nested dicts flattened one level (weights.max_err_over_bound)."""
+    """The merge check's figures on one line, whatever its keys (merge_check.check_merge decides them): verdicts and
+    the weight-space check first, then the distribution distances, then the rest; nested dicts flattened one level
+    (weights.max_err_over_bound)."""
     if not mc: return ''
     flat = {}
     for k, v in mc.items():

@@ -10,7 +10,8 @@ from pathlib import Path
 from peft import PeftModel
 from qlora_nb.config import load_config
 from qlora_nb.model import load_model, free_memory
-from qlora_nb.export import merge_adapter, load_merge_base, check_merge_weights, exact_float32
+from qlora_nb.export import merge_adapter, load_merge_base
+from qlora_nb.merge_check import check_merge_weights, exact_float32
 
 cfg = load_config(sys.argv[1], sys.argv[2:])
 adapter = Path(cfg.output_dir)/'lora_adapter'

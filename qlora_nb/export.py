@@ -4,33 +4,24 @@
 
 # %% ../nbs/06_export.ipynb #27898a28
 from __future__ import annotations
-import contextlib, dataclasses, errno, json, logging, os, re, shutil, time, warnings
+import dataclasses, errno, json, logging, os, re, shutil, time, warnings
 from dataclasses import dataclass
 from pathlib import Path
 import torch
-import transformers
 from .config import Config
 from .examples import examples
-from .model import free_memory, input_device, keep_cpu_layout, load_model, load_tokenizer
+from .model import free_memory, keep_cpu_layout, load_model, load_tokenizer
 from .infer import check_adapter
 from .speed import model_compute_dtype
 from .outputs import STAGING, TRASH, pid_alive, find_last_checkpoint, output_lock, publish_dir, record_outputs
 from .resume import TrainError, TrainInterrupted
 from .metrics import METRICS, read_metrics, summarize_metrics
 from .report import run_manifest
+from .merge_check import ExportError, MergeCheckError, check_merge, exact_float32
 
 # %% auto #0
-__all__ = ['U32', 'ExportError', 'MergeCheckError', 'dequantize_model', 'load_merge_base', 'adapter_problems', 'rounding_bound',
-           'check_merge_weights', 'exact_float32', 'compare_logits', 'check_merge', 'stale_staging', 'first_examples',
-           'MergeResult', 'merge_adapter']
-
-# %% ../nbs/06_export.ipynb #239b9873
-class ExportError(TrainError):
-    "The merged model was not written; the adapter is complete and the message says how to finish the export."
-
-class MergeCheckError(ExportError):
-    ("The merged model does not reproduce the adapter on its base: a weight off by more than its rounding, "
-     "a missing layer, a non-finite value.")
+__all__ = ['dequantize_model', 'load_merge_base', 'adapter_problems', 'stale_staging', 'first_examples', 'MergeResult',
+           'merge_adapter']
 
 # %% ../nbs/06_export.ipynb #92e7887d
 def _bnb_layers(model) -> list[str]:
@@ -82,224 +73,6 @@ def adapter_problems(adapter_dir) -> list[str]:
                          '(qlora_nb_merge CONFIG --adapter OUTPUT_DIR/checkpoint-N), or train again with a lower '
                          'learning_rate')
     return probs
-
-# %% ../nbs/06_export.ipynb #6d1a8c2e
-U32 = 2.0 ** -24  # unit roundoff of float32
-
-def rounding_bound(merged: torch.Tensor,  # the merged weights as float32
-                   base: torch.Tensor,  # W_base as float32
-                   delta: torch.Tensor,  # s·B·A as float32
-                   mag: torch.Tensor,  # |s|·(|B|·|A|) as float32
-                   rank: int,  # the LoRA rank r
-                   dtype: torch.dtype  # the dtype the merged weights are stored in
-                  ) -> torch.Tensor:
-    "Per element: how far a correct merge stored in `dtype` may lie from `base + delta` computed in float32."
-    fi = torch.finfo(dtype)
-    u = fi.eps / 2
-    return (u * (merged.abs().clamp_min(fi.smallest_normal) + delta.abs()) + 2 * U32 * (base.abs() + delta.abs())
-            + 2 * (rank + 1) * U32 * mag)
-
-# %% ../nbs/06_export.ipynb #8f1e0b5d
-def _float_value(param, dtype=None) -> torch.Tensor:
-    ("A parameter's value: a 4-bit weight dequantized and cast to `dtype` (the dtype its layer computes in), "
-     "else the tensor itself.")
-    kind = type(param).__name__
-    if kind == 'Params4bit':
-        import bitsandbytes.functional as F
-        w = F.dequantize_4bit(param.data, param.quant_state)
-        return w.to(dtype) if dtype is not None else w
-    if kind == 'Int8Params':
-        raise ExportError('the merge check does not handle 8-bit bases; load the base in 4 bits or unquantized')
-    return param.data
-
-def _lora_layers(adapted, adapter: str) -> dict:
-    "{name: LoRA layer} of `adapted`'s base model that carry `adapter` (names as in the merged model)."
-    from peft.tuners.lora import LoraLayer
-    out = {}
-    for name, m in adapted.get_base_model().named_modules():
-        if isinstance(m, LoraLayer) and (adapter in m.lora_A or adapter in getattr(m, 'lora_embedding_A', {})):
-            out[name] = m
-    return out
-
-def _adapter_modules(adapter_dir) -> set[str]:
-    "Module names (as in the merged model) that the adapter's saved weights hold LoRA factors for."
-    from safetensors import safe_open
-    with safe_open(str(Path(adapter_dir)/'adapter_model.safetensors'), 'pt') as s:
-        return {re.sub(r'^base_model\.model\.', '', k.split('.lora_')[0]) for k in s.keys()
-                if re.search(r'\.lora_(embedding_)?A\b', k)}
-
-def _other_tensors(adapted, adapter: str) -> dict:
-    "{name in the merged model: (parameter, compute dtype of its layer)} for every non-LoRA parameter of `adapted`."
-    base, out = adapted.get_base_model(), {}
-    for name, p in base.named_parameters():
-        parts = name.split('.')
-        if any(x.startswith('lora_') for x in parts) or 'original_module' in parts: continue
-        if 'modules_to_save' in parts:
-            i = parts.index('modules_to_save')
-            if parts[i + 1] != adapter: continue
-            parts = parts[:i] + parts[i + 2:]
-        owner = base.get_submodule(name.rpartition('.')[0]) if '.' in name else base
-        out['.'.join(x for x in parts if x != 'base_layer')] = (p, getattr(owner, 'compute_dtype', None))
-    return out
-
-# %% ../nbs/06_export.ipynb #72639eda
-def _layer_check(layer, adapter: str, merged_w: torch.Tensor, chunk: int) -> dict:
-    "Compare one merged weight with W_base + s·B·A in float32, in row blocks; the largest error / bound and more."
-    base = layer.get_base_layer()
-    w_base = _float_value(base.weight, getattr(base, 'compute_dtype', None))
-    emb = adapter in getattr(layer, 'lora_embedding_A', {})
-    a_all = layer.lora_embedding_A[adapter] if emb else layer.lora_A[adapter].weight  # (r, vocab) / (r, in)
-    b_all = layer.lora_embedding_B[adapter] if emb else layer.lora_B[adapter].weight  # (dim, r) / (out, r)
-    s, r, dev, dtype = float(layer.scaling[adapter]), a_all.shape[0], merged_w.device, merged_w.dtype
-    if merged_w.shape != w_base.shape: return {'shape': f'{tuple(merged_w.shape)}, expected {tuple(w_base.shape)}'}
-    worst, n_over, max_err, finite = 0.0, 0, 0.0, True
-    rows = max(1, chunk // max(1, merged_w.shape[1]))
-    for i in range(0, merged_w.shape[0], rows):
-        wm, wb = merged_w[i:i + rows].to(dev, torch.float32), w_base[i:i + rows].to(dev, torch.float32)
-        if emb: a, b = a_all[:, i:i + rows].to(dev, torch.float32), b_all.to(dev, torch.float32)
-        else: a, b = a_all.to(dev, torch.float32), b_all[i:i + rows].to(dev, torch.float32)
-        delta = (b @ a).mul_(s)
-        mag = (b.abs() @ a.abs()).mul_(abs(s))
-        if emb: delta, mag = delta.T, mag.T
-        err = (wm - (wb + delta)).abs_()
-        bound = rounding_bound(wm, wb, delta, mag, r, dtype)
-        finite &= bool(torch.isfinite(wm).all())
-        ratio = torch.where(torch.isfinite(err), err / bound, torch.full_like(err, float('inf')))
-        worst, n_over = max(worst, ratio.max().item()), n_over + int((ratio > 1).sum())
-        max_err = max(max_err, torch.nan_to_num(err, nan=float('inf')).max().item())
-        del wm, wb, a, b, delta, mag, err, bound, ratio
-    return {'max_err_over_bound': worst, 'n_over': n_over, 'max_abs_err': max_err, 'elements': merged_w.numel(),
-            'finite': finite}
-
-# %% ../nbs/06_export.ipynb #f7bc20e7
-@torch.no_grad()
-def check_merge_weights(merged,  # the merged model (in memory, or reloaded from disk)
-                        adapted,  # the adapter on its base, as trained: a `PeftModel`
-                        # the adapter folder: also check that every module it holds factors for was loaded
-                        adapter_dir=None,
-                        chunk: int = 1 << 24  # the most elements compared at once (float32 blocks of 64 MiB)
-                       ) -> dict:
-    ("Check every weight of `merged` against `adapted`: LoRA layers within the rounding bound of W_base + s·B·A, "
-     "the rest equal, all finite.")
-    t0, adapter = time.time(), adapted.active_adapter
-    layers, problems, non_finite, over = _lora_layers(adapted, adapter), [], [], {}
-    for name, layer in layers.items():
-        if adapter in getattr(layer, 'lora_variant', {}):
-            raise ExportError(f'{name}: a DoRA (or other variant) layer; the merge check handles plain LoRA')
-        if getattr(layer, 'lora_bias', {}).get(adapter) or getattr(layer, 'fan_in_fan_out', False):
-            raise ExportError(f'{name}: LoRA bias or fan-in-fan-out layer; the merge check handles plain LoRA '
-                              'on Linear and Embedding layers')
-    missing = sorted(_adapter_modules(adapter_dir) - set(layers)) if adapter_dir is not None else []
-    problems += [f'{n}: in the adapter but not loaded as a LoRA layer' for n in missing]
-    per_layer, elements = {}, 0
-    with exact_float32():
-        for name, layer in layers.items():
-            try: w = merged.get_submodule(name).weight
-            except AttributeError: problems.append(f'{name}: adapted, but the merged model has no such layer'); continue
-            if w.is_meta: raise ExportError(f'{name}: the merged weight is offloaded (meta); '
-                                            'the check needs the merged model in memory')
-            f = _layer_check(layer, adapter, w, chunk)
-            if 'shape' in f: problems.append(f'{name}.weight: shape {f["shape"]}'); continue
-            per_layer[name], elements = f, elements + f['elements']
-            if not f['finite']: non_finite.append(f'{name}.weight')
-            elif f['n_over']: over[name] = f
-    problems += [f'{n}.weight: {f["n_over"]} of {f["elements"]} weights off by more than their rounding bound '
-                 f'(up to {f["max_err_over_bound"]:.3g}x, max |Δ| {f["max_abs_err"]:.3g})' for n, f in over.items()]
-    adapted_w = {f'{n}.weight' for n in layers}
-    mine, ref = dict(merged.named_parameters()), _other_tensors(adapted, adapter)
-    others = sorted((set(mine) | set(ref)) - adapted_w)
-    mismatched = []
-    for n in others:
-        if n not in mine: problems.append(f'{n}: missing from the merged model'); continue
-        if n not in ref: problems.append(f'{n}: not in the base'); continue
-        m = mine[n]
-        if m.is_meta: raise ExportError(f'{n}: the merged weight is offloaded (meta); '
-                                        'the check needs the merged model in memory')
-        if not torch.isfinite(m).all(): non_finite.append(n); continue
-        p, dt = ref[n]
-        if not torch.equal(_float_value(p, dt).to(m.device, m.dtype), m.data): mismatched.append(n)
-    problems += [f'{n}: differs from the base, which the adapter does not change' for n in mismatched]
-    problems += [f'{n}: NaN or inf' for n in non_finite]
-    worst = max(per_layer.items(), key=lambda kv: kv[1]['max_err_over_bound'], default=(None, {}))
-    if len(problems) > 20: problems = problems[:20] + [f'and {len(problems) - 20} more']
-    return {'passed': not problems, 'finite': not non_finite, 'problems': problems,
-            'dtype': str(next(iter(mine.values())).dtype).removeprefix('torch.'),
-            'layers': len(layers), 'elements': elements, 'max_err_over_bound': worst[1].get('max_err_over_bound', 0.0),
-            'worst_layer': worst[0], 'layers_over': len(over), 'elements_over': sum(f['n_over'] for f in over.values()),
-            'other_tensors': len(others), 'seconds': round(time.time() - t0, 3)}
-
-# %% ../nbs/06_export.ipynb #7c03f1aa
-@contextlib.contextmanager
-def exact_float32():
-    "Full-precision float32 matmuls (no TF32 or bfloat16 passes) inside the block; the previous setting afterwards."
-    old = torch.get_float32_matmul_precision()
-    torch.set_float32_matmul_precision('highest')
-    try: yield
-    finally: torch.set_float32_matmul_precision(old)
-
-# %% ../nbs/06_export.ipynb #816e44a6
-@torch.no_grad()
-def compare_logits(reference, other, examples: list[dict], block: int = 256) -> dict:
-    ("KL(reference ‖ other) of next-token distributions, eval loss of each, max/mean |Δlogit|, "
-     "greedy agreement over `examples` (each alone).")
-    worst = total = kl_sum = kl_max = nll_r = nll_o = 0.0
-    agree = n = n_lab = 0
-    finite = True
-    for ex in examples:
-        ids = torch.tensor([ex['input_ids']])
-        lr = reference(input_ids=ids.to(input_device(reference))).logits[0].float()
-        lo = other(input_ids=ids.to(input_device(other))).logits[0].float().to(lr.device)
-        finite &= bool(torch.isfinite(lr).all() and torch.isfinite(lo).all())
-        # position t predicts token t+1
-        labels = torch.tensor(ex.get('labels', [-100] * ids.shape[1])[1:] + [-100], device=lr.device)
-        # float64 blocks of positions: a KL without float32's noise floor, in bounded memory
-        for s in range(0, lr.shape[0], block):
-            a, b, lab = lr[s:s + block], lo[s:s + block], labels[s:s + block]
-            diff = (a - b).abs()
-            worst, total = max(worst, diff.max().item()), total + diff.mean(-1).sum().item()
-            agree += (a.argmax(-1) == b.argmax(-1)).sum().item()
-            pa, pb = a.double().log_softmax(-1), b.double().log_softmax(-1)
-            kl = (pa.exp() * (pa - pb)).sum(-1)
-            kl_sum, kl_max = kl_sum + kl.sum().item(), max(kl_max, kl.max().item())
-            keep = lab != -100
-            nll_r -= pa[keep].gather(-1, lab[keep, None]).sum().item()
-            nll_o -= pb[keep].gather(-1, lab[keep, None]).sum().item()
-            n_lab += int(keep.sum())
-        n += ids.shape[1]
-    nan = float('nan')
-    if not finite: worst = kl_max = nan
-    loss_r, loss_o = (nll_r / n_lab, nll_o / n_lab) if n_lab else (nan, nan)
-    return {'kl_mean': kl_sum / max(n, 1) if finite else nan, 'kl_max': kl_max, 'eval_loss_reference': loss_r,
-            'eval_loss_other': loss_o, 'eval_loss_diff': loss_o - loss_r, 'max_abs_logit_diff': worst,
-            'mean_abs_logit_diff': total / max(n, 1) if finite else nan,
-            'token_agreement': agree / max(n, 1), 'logits_finite': finite, 'n_prompts': len(examples), 'n_tokens': n}
-
-def check_merge(config: Config, merged, adapter_dir, examples: list[dict]) -> dict:
-    ("Check the merged model (a folder or a model) against the adapter in `adapter_dir` on the 4-bit base: "
-     "weights, then logits.")
-    from peft import PeftModel
-    ref = PeftModel.from_pretrained(load_model(config), str(adapter_dir)).eval()
-    dtype = model_compute_dtype(ref)
-    if not isinstance(merged, torch.nn.Module):
-        merged = transformers.AutoModelForCausalLM.from_pretrained(
-            str(merged), dtype=dtype, trust_remote_code=config.trust_remote_code,
-            device_map='auto' if torch.cuda.is_available() else None)
-    merged = merged.eval()
-    weights = check_merge_weights(merged, ref, adapter_dir)
-    figs = compare_logits(ref, merged, examples)
-    figs = {k.replace('_reference', '_adapter').replace('_other', '_merged'): v for k, v in figs.items()}
-    e, problems = config.export, list(weights['problems'])
-    if not figs['logits_finite']: problems.append('the merged model gives NaN or inf logits')
-    if e.max_abs_logit_diff is not None and not figs['max_abs_logit_diff'] <= e.max_abs_logit_diff:
-        problems.append(f"max |Δlogit| {figs['max_abs_logit_diff']:.3g} > "
-                        f"export.max_abs_logit_diff {e.max_abs_logit_diff}")
-    if e.min_token_agreement is not None and not figs['token_agreement'] >= e.min_token_agreement:
-        problems.append(f"greedy-token agreement {figs['token_agreement']:.4f} < "
-                        f"export.min_token_agreement {e.min_token_agreement}")
-    figs.update(weights=weights, problems=problems, passed=not problems,
-                finite=weights['finite'] and figs['logits_finite'], dtype=str(dtype).removeprefix('torch.'))
-    del ref, merged; free_memory()
-    return figs
 
 # %% ../nbs/06_export.ipynb #1d3c70b2
 def stale_staging(out_dir) -> list[Path]:
