@@ -9,7 +9,8 @@ from pathlib import Path
 import torch
 from .config import Config
 from .errors import ConfigError
-from .model import check_model_source, compute_dtype, default_device, is_fsdp, quant_storage, saved_quantization
+from .hub import check_model_source
+from .model import compute_dtype, default_device, is_fsdp, quant_storage, saved_quantization
 
 # %% auto #0
 __all__ = ['FSDP_DEVICES', 'FSDP_MODEL', 'dist_env', 'is_main', 'distributed_args', 'fsdp_version', 'check_distributed',

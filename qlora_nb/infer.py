@@ -9,7 +9,8 @@ from dataclasses import dataclass
 from pathlib import Path
 import torch
 from .errors import ConfigError, QloraError
-from .model import input_device, load_model, load_tokenizer, offline_unless_reachable, stop_token_ids
+from .hub import offline_unless_reachable
+from .model import input_device, load_model, load_tokenizer, stop_token_ids
 
 # %% auto #0
 __all__ = ['CHAT_COMMANDS', 'EvalError', 'gen_config', 'prompt_ids', 'pad_left', 'Generation', 'decode_generation', 'generate',
