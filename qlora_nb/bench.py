@@ -4,7 +4,7 @@
 
 # %% ../nbs/10_bench.ipynb #6137aa1a
 from __future__ import annotations
-import json, math, os, random, shutil, statistics, subprocess, sys, tempfile, time
+import json, math, random, shutil, statistics, subprocess, sys, tempfile, time
 from pathlib import Path
 from .errors import EXIT_CONFIG, QloraError
 from .cli import command, run_command

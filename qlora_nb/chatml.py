@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 from .errors import QloraError
-from .data import _where, to_messages
+from .data import record_where, to_messages
 
 # %% auto #0
 __all__ = ['IM_START', 'IM_END', 'ASSISTANT_HEADER', 'TRUNCATION', 'TRAINED_OPEN', 'TRAINED_CLOSE', 'token_id', 'chat_text',
@@ -193,7 +193,7 @@ def encode_records(records: list[dict],  # records from `load_records` (instruct
         recs = records[b:b + batch_size]
         encs = encode_batch(recs, tokenizer, max_length, truncation, default_system)
         for i, (r, (ex, status, lost, _)) in enumerate(zip(recs, encs)):
-            where = _where(r) if '_line' in r or '_at' in r else f'record {b + i}'
+            where = record_where(r) if '_line' in r or '_at' in r else f'record {b + i}'
             if ex is None: report.dropped.append((where, status)); continue
             report.turns_lost += lost
             if status in ('cut', 'head'): report.cut.append(where)

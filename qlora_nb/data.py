@@ -9,7 +9,7 @@ from .errors import QloraError
 
 # %% auto #0
 __all__ = ['ROLES', 'CONTROL_TOKENS', 'DataError', 'check_instruction', 'check_messages', 'text_problems', 'check_record',
-           'record_format', 'to_messages']
+           'parse_line', 'record_problems', 'record_where', 'record_format', 'to_messages']
 
 # %% ../nbs/01_data.ipynb #50c62820
 class DataError(QloraError, ValueError):
@@ -151,7 +151,7 @@ def _pairs(pairs: list) -> dict:
 
 _decode = json.JSONDecoder(object_pairs_hook=_pairs).decode
 
-def _parse_line(raw: bytes, first: bool = False):
+def parse_line(raw: bytes, first: bool = False):
     "Parse one raw line: `(obj, None)`, `(None, problem)`, or `(None, None)` for a blank line; never raises."
     if first and raw.startswith(b"\xef\xbb\xbf"): raw = raw[3:]
     if raw.endswith(b"\r"): raw = raw[:-1]
@@ -170,16 +170,16 @@ def _parse_line(raw: bytes, first: bool = False):
     except ValueError as e:
         if 'digits' not in str(e): return None, f"invalid JSON: {e}"
         return None, f"invalid JSON: an integer of more than {sys.get_int_max_str_digits()} digits"
-    probs = _problems(obj, b"\\ud" in raw or b"\\uD" in raw)  # a surrogate can only come from a \u escape
+    probs = record_problems(obj, b"\\ud" in raw or b"\\uD" in raw)  # a surrogate can only come from a \u escape
     return (None, "; ".join(probs)) if probs else (obj, None)
 
-def _problems(obj, surrogates: bool = True) -> list[str]:
+def record_problems(obj, surrogates: bool = True) -> list[str]:
     "`check_record`, with a value too deep to describe said in words."
     try: return check_record(obj, surrogates)
     except RecursionError: return ["nested too deeply to check (a record is a few levels deep)"]
 
 # %% ../nbs/01_data.ipynb #67f213d2
-def _where(record) -> str:
+def record_where(record) -> str:
     "How an error names `record`: its line in the JSONL file (`file:line` or `row N` when it says so), when known."
     if not isinstance(record, dict): return 'record'
     return record['_at'] if '_at' in record else f"line {record['_line']}" if '_line' in record else 'record'
@@ -193,7 +193,7 @@ def to_messages(record: dict,  # an instruction record or a {"messages": [...]} 
                 check: bool = True  # check the record first (False: it was checked as it was read)
                ) -> list[dict]:
     "The chat messages of one record, as `[{'role', 'content'}, ...]`; a `DataError` if the record is not valid."
-    if check and (probs := check_record(record)): raise DataError(f"{_where(record)}: {'; '.join(probs)}")
+    if check and (probs := check_record(record)): raise DataError(f"{record_where(record)}: {'; '.join(probs)}")
     if record_format(record) == 'messages':
         msgs = [{'role': m['role'], 'content': m['content']} for m in record['messages']]
     else:

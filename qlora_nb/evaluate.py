@@ -14,7 +14,7 @@ from .split import load_split
 from .chatml import PadCollator
 from .examples import examples
 from .model import free_memory, input_device, load_model, load_tokenizer
-from .infer import (EvalError, Generation, _load_merged, _settings_dict, check_adapter, find_model_source,
+from .infer import (EvalError, Generation, load_merged, settings_dict, check_adapter, find_model_source,
                             generate)
 from .outputs import output_lock, record_outputs
 from .metrics import METRICS, plot_loss_curve, read_metrics
@@ -288,7 +288,7 @@ def write_results(result: EvalResult, out_dir, log_path=None) -> dict:
 
 # %% ../nbs/08_evaluate.ipynb #fc7dca57
 def _used_settings(s) -> dict:
-    d = _settings_dict(s) | dict(batch_size=s.batch_size)
+    d = settings_dict(s) | dict(batch_size=s.batch_size)
     return d if d.get('do_sample') else {k: v for k, v in d.items() if k not in ('temperature', 'top_p', 'top_k')}
 
 def evaluate(config,            # a Config from load_config
@@ -321,7 +321,7 @@ def evaluate(config,            # a Config from load_config
         base, base_gens = run(model, tok)
         del model; free_memory()  # the 4-bit base goes before the merged model loads
         log.info('merged model %s', path)
-        model, mtok = _load_merged(path)
+        model, mtok = load_merged(path)
         if len(mtok) != len(tok):
             raise EvalError(f'{path}: its tokenizer has {len(mtok)} tokens, the base model\'s {len(tok)}; this merged '
                             f'model was not made from {config.model_name_or_path}')

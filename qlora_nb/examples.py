@@ -11,7 +11,7 @@ import numpy as np
 from .cache import COLUMNS, build_entry, check_space, fingerprint, load_entry
 from .chatml import TRUNCATION, AuditError, EncodeReport, audit_examples, check_tokenizer, encode_records
 from .data import DataError
-from .stats import LengthHistogram, StreamStats, _lines
+from .stats import LengthHistogram, StreamStats, short_list
 from .sources import resolve_sources, scan_data, stat_key, where_name
 from .split import FileHashes, cache_root, combined_sha256, held_out, load_split, overlap
 
@@ -221,7 +221,7 @@ def examples(config,  # a `Config`: dataset_path and the data section
             ev = encoded(d.eval_dataset_path, tokenizer, **kw)
             if both := overlap(_Records(enc), _Records(ev)):
                 warnings.warn(f'{d.eval_dataset_path}: {len(both)} eval record(s) also in the training data '
-                              f'(train=eval lines {_lines(both)})')
+                              f'(train=eval lines {short_list(both)})')
             (ds, rep), enc = view(ev, None, d.max_length, d.truncation), ev
     if not len(ds) and split == 'train': raise AuditError('no training examples (all records were dropped?)')
     check_tokenizer(tokenizer)

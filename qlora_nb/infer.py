@@ -13,9 +13,9 @@ from .hub import offline_unless_reachable
 from .model import input_device, load_model, load_tokenizer, stop_token_ids
 
 # %% auto #0
-__all__ = ['CHAT_COMMANDS', 'EvalError', 'gen_config', 'prompt_ids', 'pad_left', 'Generation', 'decode_generation', 'generate',
-           'find_model_source', 'pattern_problem', 'check_adapter_config', 'check_adapter', 'load_for_inference',
-           'write_streamer', 'ChatLog', 'chat_help', 'chat']
+__all__ = ['CHAT_COMMANDS', 'EvalError', 'settings_dict', 'gen_config', 'prompt_ids', 'pad_left', 'Generation',
+           'decode_generation', 'generate', 'find_model_source', 'pattern_problem', 'check_adapter_config',
+           'check_adapter', 'load_merged', 'load_for_inference', 'write_streamer', 'ChatLog', 'chat_help', 'chat']
 
 # %% ../nbs/07_infer.ipynb #5edf16e7
 class EvalError(QloraError, ValueError):
@@ -25,7 +25,8 @@ class EvalError(QloraError, ValueError):
 # %% ../nbs/07_infer.ipynb #d3c38225
 _GEN_KEYS = ('max_new_tokens', 'do_sample', 'temperature', 'top_p', 'top_k', 'repetition_penalty')
 
-def _settings_dict(settings) -> dict:
+def settings_dict(settings) -> dict:
+    "The generation keys set in `settings` (a dataclass, a dict or None), as a dict."
     if settings is None: return {}
     if dataclasses.is_dataclass(settings): settings = dataclasses.asdict(settings)
     return {k: v for k, v in dict(settings).items() if k in _GEN_KEYS and v is not None}
@@ -34,7 +35,7 @@ def gen_config(model, tokenizer, settings=None):
     ("The model's `GenerationConfig` with `settings` (`config.eval`, a dict or None) over it, "
      "stopping at `stop_token_ids`.")
     gc_ = copy.deepcopy(model.generation_config)
-    s = _settings_dict(settings)
+    s = settings_dict(settings)
     for k in ('max_new_tokens', 'do_sample', 'repetition_penalty'):
         if k in s: setattr(gc_, k, s[k])
     if gc_.do_sample:
@@ -274,7 +275,8 @@ def check_adapter(adapter_dir, model_name_or_path: str, trust_remote_code: bool 
                         f'{f" ({trained_on})" if trained_on else ""}, or pass the adapter trained on this one.')
 
 # %% ../nbs/07_infer.ipynb #ee6d9ccf
-def _load_merged(model_dir: Path):
+def load_merged(model_dir: Path):
+    "The merged model in `model_dir` (on the GPU when there is one) and its tokenizer, ready to generate."
     from transformers import AutoModelForCausalLM, AutoTokenizer
     kw = dict(device_map='auto') if torch.cuda.is_available() else {}
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype='auto', **kw).eval()
@@ -284,7 +286,7 @@ def load_for_inference(config, model_dir=None, adapter_dir=None):
     ("`(model, tokenizer)` to generate with: an adapter on the 4-bit base (default output_dir/lora_adapter) "
      "or a merged model.")
     kind, path = find_model_source(config, model_dir, adapter_dir)
-    if kind == 'model': return _load_merged(path)
+    if kind == 'model': return load_merged(path)
     check_adapter(path, config.model_name_or_path, config.trust_remote_code)
     from peft import PeftModel
     tok = load_tokenizer(config)

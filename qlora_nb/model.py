@@ -9,14 +9,13 @@ __all__ = ['STOP_TOKENS', 'ensure_pad_token', 'load_tokenizer', 'default_device'
            'free_memory']
 
 # %% ../nbs/03_model.ipynb #f7afcc78
-import gc, logging, math, os, warnings
+import gc, logging, os, warnings
 from pathlib import Path
 import torch
 from torch import nn
-from .config import load_config
 from .errors import ConfigError
 from .hub import ModelLoadError, check_model_source, explained_errors, local_model_dir
-from .chatml import IM_END, token_id
+from .chatml import token_id
 
 # bitsandbytes 0.50 on a CPU tries to fetch an optional kernel from the Hub and warns when it can't; qlora_nb never
 # downloads at run time, so that one logger is quieted (set before bitsandbytes is first imported by anything).

@@ -11,7 +11,7 @@ import torch
 _log = logging.getLogger(__name__)
 
 # %% auto #0
-__all__ = ['ROWS', 'VARLEN', 'pack_bins', 'example_lengths', 'PackCollator', 'use_packing', 'varlen_kwargs',
+__all__ = ['ROWS', 'VARLEN', 'pack_bins', 'example_lengths', 'round_up', 'PackCollator', 'use_packing', 'varlen_kwargs',
            'varlen_attention_forward', 'register_varlen_attention', 'attention_kernel', 'PackedTrainerMixin']
 
 # %% ../nbs/02a_packing.ipynb #d3a72bd7
@@ -48,7 +48,9 @@ def example_lengths(examples, lengths=None) -> list[int]:
 # %% ../nbs/02a_packing.ipynb #ed8b4bd2
 ROWS = 'packed_rows'  # the batch key with the example lengths of each row; read by the Trainer, never by the model
 
-def _round_up(n: int, m: int | None) -> int: return -(-n // m) * m if m else n
+def round_up(n: int, m: int | None) -> int:
+    "`n` rounded up to a multiple of `m` (`n` itself when `m` is None or 0)."
+    return -(-n // m) * m if m else n
 
 @dataclass
 class PackCollator:
@@ -65,7 +67,7 @@ class PackCollator:
         lens = [len(e['input_ids']) for e in examples]
         budget = self.tokens_per_row and max(self.tokens_per_row, *lens)  # a longer example gets a row of its own
         bins = pack_bins(lens, budget) if budget else [list(range(len(examples)))]
-        T = _round_up(max(sum(lens[i] for i in b) for b in bins), self.pad_to_multiple_of)
+        T = round_up(max(sum(lens[i] for i in b) for b in bins), self.pad_to_multiple_of)
         ids = torch.full((len(bins), T), self.pad_token_id, dtype=torch.long)
         labels, pos = torch.full_like(ids, -100), torch.zeros_like(ids)
         for r, b in enumerate(bins):
@@ -202,7 +204,7 @@ class PackedTrainerMixin:
             return super().training_step(model, inputs, num_items_in_batch)
         total, T = None, inputs['input_ids'].shape[1]
         for r, row in enumerate(rows):
-            n = min(T, _round_up(sum(row), 64))
+            n = min(T, round_up(sum(row), 64))
             part = {k: v[r:r + 1, :n] if torch.is_tensor(v) and v.dim() == 2 else v for k, v in inputs.items()}
             part[ROWS] = [row]
             if self.row_hook is not None: self.row_hook(n)

@@ -9,7 +9,7 @@ from array import array
 from dataclasses import dataclass
 from pathlib import Path
 import numpy as np
-from .data import DataError, _parse_line, _problems, to_messages
+from .data import DataError, parse_line, record_problems, to_messages
 from .stats import StreamStats, content_hash, duplicate_pairs
 
 # %% auto #0
@@ -130,7 +130,7 @@ def _jsonl_items(src: Source, offset: int = 0, line: int = 1, hasher=None):
         try:
             for raw in f:
                 if hasher is not None: hasher.update(raw)
-                obj, prob = _parse_line(raw[:-1] if raw.endswith(b'\n') else raw, first=line == 1)
+                obj, prob = parse_line(raw[:-1] if raw.endswith(b'\n') else raw, first=line == 1)
                 if obj is not None or prob: yield line, pos, obj, prob
                 line, pos = line + 1, pos + len(raw)
         except (EOFError, OSError, zlib.error) as e:
@@ -151,7 +151,7 @@ def _rows(batches, row: int, start: int):
         for r in batch.to_pylist():
             if row >= start:
                 obj = _row_record(r)
-                probs = _problems(obj, False)  # Arrow strings are valid UTF-8: no surrogates
+                probs = record_problems(obj, False)  # Arrow strings are valid UTF-8: no surrogates
                 yield (row, row, None, '; '.join(probs)) if probs else (row, row, obj, None)
             row += 1
 

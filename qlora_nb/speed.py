@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 from transformers import TrainingArguments
 from .model import input_device, is_fsdp
-from .packing import ROWS, VARLEN, PackCollator, _round_up, attention_kernel, use_packing, varlen_kwargs
+from .packing import ROWS, VARLEN, PackCollator, round_up, attention_kernel, use_packing, varlen_kwargs
 
 # %% auto #0
 __all__ = ['CE_CHUNK', 'GiB', 'ROW_SIZES', 'chunked_lm_loss', 'model_compute_dtype', 'use_chunked_loss', 'MemoryModel',
@@ -258,16 +258,16 @@ def speed_plan(config, model, lengths: list[int], examples_per_step: int) -> Spe
         n = L if p.checkpointing == 'auto' else p.checkpointing
         fits = lambda T: p.memory is None or p.memory.peak(T, n) <= p.memory.budget
         # sdpa (and eager) keep packed examples apart with a mask over the whole row: attention grows with its square
-        cap = max(_round_up(longest, 64), (4096 if cuda else 1024) if p.attention in ('sdpa', 'eager')
+        cap = max(round_up(longest, 64), (4096 if cuda else 1024) if p.attention in ('sdpa', 'eager')
                   else ROW_SIZES[0])
-        sizes = sorted({*ROW_SIZES, _round_up(longest, 64)}, reverse=True)
+        sizes = sorted({*ROW_SIZES, round_up(longest, 64)}, reverse=True)
         T = t.tokens_per_row or next((T for T in sizes if longest <= T <= cap and fits(T)), None)
         if T is None:
             T = longest
             p.notes.append(f'memory: a row of {longest:,} tokens (the longest example) needs about '
                            f'{p.memory.peak(longest, n) / GiB:.1f} GiB with {n} of {L} layers recomputed, more than '
                            f'the {p.memory_budget_gib} GiB budget allows; training may run out of memory')
-        p.tokens_per_row = T if t.tokens_per_row else max(longest, min(T, _round_up(step, 64)))
+        p.tokens_per_row = T if t.tokens_per_row else max(longest, min(T, round_up(step, 64)))
     if p.checkpointing == 'auto':
         full = p.tokens_per_row or longest
         p.notes.append(f'checkpointing: per row within {p.memory_budget_gib} GiB; a row of {full:,} tokens recomputes '

@@ -8,7 +8,7 @@ import hashlib, json, os, random, warnings
 from pathlib import Path
 import numpy as np
 from .sources import Source, load_records, resolve_sources, source_sha256, stat_key
-from .stats import _content_key, _lines
+from .stats import content_key, short_list
 
 # %% auto #0
 __all__ = ['held_out', 'split_records', 'overlap', 'load_split', 'cache_root', 'FileHashes', 'source_digests', 'combined_sha256',
@@ -36,11 +36,11 @@ def split_records(records: list[dict],      # validated records
     "Deterministic `(train, eval)` split of `records`."
     if eval_path is not None:
         ev = load_records(eval_path)
-        seen = {_content_key(r): r.get("_at", r.get("_line", i + 1)) for i, r in enumerate(records)}
-        both = [(seen[k], r.get("_at", r["_line"])) for r in ev if (k := _content_key(r)) in seen]
+        seen = {content_key(r): r.get("_at", r.get("_line", i + 1)) for i, r in enumerate(records)}
+        both = [(seen[k], r.get("_at", r["_line"])) for r in ev if (k := content_key(r)) in seen]
         if both:
             warnings.warn(f"{eval_path}: {len(both)} eval record(s) also in the training data "
-                          f"(train=eval lines {_lines(both)})")
+                          f"(train=eval lines {short_list(both)})")
         return list(records), ev
     held = held_out(len(records), eval_ratio, seed)
     return [r for r, h in zip(records, held) if not h], [r for r, h in zip(records, held) if h]

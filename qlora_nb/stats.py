@@ -11,8 +11,8 @@ import numpy as np
 from .data import DataError, record_format, to_messages
 
 # %% auto #0
-__all__ = ['BOOKKEEPING', 'LengthStats', 'LengthHistogram', 'find_duplicates', 'content_hash', 'duplicate_pairs', 'DataStats',
-           'inspect_records', 'format_stats', 'StreamStats', 'plot_lengths']
+__all__ = ['BOOKKEEPING', 'LengthStats', 'LengthHistogram', 'content_key', 'find_duplicates', 'content_hash', 'duplicate_pairs',
+           'DataStats', 'inspect_records', 'short_list', 'format_stats', 'StreamStats', 'plot_lengths']
 
 # %% ../nbs/01a_stats.ipynb #8cd99dd2
 @dataclass(frozen=True)
@@ -64,7 +64,7 @@ class LengthHistogram:
 # %% ../nbs/01a_stats.ipynb #fe044a24
 BOOKKEEPING = ('_line', '_at')  # keys the reader adds to a record: where it is, not what it says
 
-def _content_key(rec: dict) -> str:
+def content_key(rec: dict) -> str:
     "A record's content as one canonical string (ignores where it is: `_line`, `_at`)."
     return json.dumps({k: v for k, v in rec.items() if k not in BOOKKEEPING}, ensure_ascii=False, sort_keys=True)
 
@@ -72,15 +72,15 @@ def find_duplicates(records: list[dict]) -> list[tuple[int, int]]:
     "`(first_line, duplicate_line)` for each record whose content repeats an earlier one."
     first, pairs = {}, []
     for i, r in enumerate(records):
-        k, line = _content_key(r), r.get("_at", r.get("_line", i + 1))
+        k, line = content_key(r), r.get("_at", r.get("_line", i + 1))
         if k in first: pairs.append((first[k], line))
         else: first[k] = line
     return pairs
 
 # %% ../nbs/01a_stats.ipynb #2eb17820
 def content_hash(rec: dict) -> int:
-    "A 64-bit hash of `_content_key(rec)`."
-    return int.from_bytes(hashlib.blake2b(_content_key(rec).encode('utf-8', 'surrogatepass'), digest_size=8).digest(),
+    "A 64-bit hash of `content_key(rec)`."
+    return int.from_bytes(hashlib.blake2b(content_key(rec).encode('utf-8', 'surrogatepass'), digest_size=8).digest(),
                           'little')
 
 def duplicate_pairs(hashes: np.ndarray) -> list[tuple[int, int]]:
@@ -155,7 +155,7 @@ def inspect_records(records: list[dict],          # validated records, as `load_
         max_length=max_length, duplicates=find_duplicates(records))
 
 # %% ../nbs/01a_stats.ipynb #a76268af
-def _lines(xs: list, limit: int = 10) -> str:
+def short_list(xs: list, limit: int = 10) -> str:
     "A short list of line numbers (or pairs)."
     s = ", ".join(f"{x[0]}={x[1]}" if isinstance(x, tuple) else str(x) for x in xs[:limit])
     return s + (f", ... ({len(xs) - limit} more)" if len(xs) > limit else "")
@@ -173,10 +173,10 @@ def format_stats(stats: DataStats | StreamStats) -> str:
     if s.max_length is not None:
         o = s.over_max
         out.append(f"max_length     {s.max_length}: " + ("not checked (no tokenizer given)" if s.tokens is None else
-                   f"{len(o)} longer (lines {_lines(o)}; truncated or dropped as data.truncation says)" if o else
+                   f"{len(o)} longer (lines {short_list(o)}; truncated or dropped as data.truncation says)" if o else
                    "none longer"))
     d = s.duplicates
-    out.append("duplicates     " + (f"{len(d)} (line pairs {_lines(d)})" if d else "none"))
+    out.append("duplicates     " + (f"{len(d)} (line pairs {short_list(d)})" if d else "none"))
     return "\n".join(out)
 
 # %% ../nbs/01a_stats.ipynb #1a57f70a
