@@ -9,11 +9,11 @@ from dataclasses import dataclass
 from pathlib import Path
 import numpy as np
 from .cache import COLUMNS, build_entry, check_space, fingerprint, load_entry
-from .chatml import TRUNCATION, AuditError, EncodeReport, audit_examples, check_tokenizer, encode_records
+from .chatml import AuditError, EncodeReport, audit_examples, check_tokenizer, check_truncation, encode_records
 from .data import DataError
-from .stats import LengthHistogram, StreamStats, short_list
+from .stats import LengthHistogram, StreamStats
 from .sources import resolve_sources, scan_data, stat_key, where_name
-from .split import FileHashes, cache_root, combined_sha256, held_out, load_split, overlap
+from .split import FileHashes, cache_root, combined_sha256, held_out, load_split, overlap, warn_overlap
 
 # %% auto #0
 __all__ = ['Encoded', 'Checked', 'check_data', 'encoded', 'data_info', 'view', 'examples_in_memory', 'main_process_first',
@@ -97,8 +97,7 @@ def encoded(spec,  # dataset_path or data.eval_dataset_path
             checked: Checked | None = None  # what `check_data` found, when it was called first
            ) -> Encoded:
     "Every example of the data set `spec`: from the cache when it has them, else validated, encoded and cached."
-    if truncation not in TRUNCATION:
-        raise ValueError(f'truncation: expected one of {", ".join(TRUNCATION)}, got {truncation!r}')
+    check_truncation(truncation)
     t0, root = time.time(), cache_root(cache_dir)
     if checked is None or checked.default_system != default_system or verify:
         checked = check_data(spec, default_system, cache_dir, verify)
@@ -219,9 +218,7 @@ def examples(config,  # a `Config`: dataset_path and the data section
         elif split == 'train': ds, rep = view(enc, None, d.max_length, d.truncation)
         else:
             ev = encoded(d.eval_dataset_path, tokenizer, **kw)
-            if both := overlap(_Records(enc), _Records(ev)):
-                warnings.warn(f'{d.eval_dataset_path}: {len(both)} eval record(s) also in the training data '
-                              f'(train=eval lines {short_list(both)})')
+            warn_overlap(d.eval_dataset_path, overlap(_Records(enc), _Records(ev)))
             (ds, rep), enc = view(ev, None, d.max_length, d.truncation), ev
     if not len(ds) and split == 'train': raise AuditError('no training examples (all records were dropped?)')
     check_tokenizer(tokenizer)

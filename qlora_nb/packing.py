@@ -4,11 +4,9 @@
 
 # %% ../nbs/02a_packing.ipynb #1d581617
 from __future__ import annotations
-import bisect, contextlib, inspect, itertools, logging
+import bisect, contextlib, inspect, itertools
 from dataclasses import dataclass
 import torch
-
-_log = logging.getLogger(__name__)
 
 # %% auto #0
 __all__ = ['ROWS', 'VARLEN', 'pack_bins', 'example_lengths', 'round_up', 'PackCollator', 'use_packing', 'varlen_kwargs',

@@ -11,8 +11,8 @@ from .sources import Source, load_records, resolve_sources, source_sha256, stat_
 from .stats import content_key, short_list
 
 # %% auto #0
-__all__ = ['held_out', 'split_records', 'overlap', 'load_split', 'cache_root', 'FileHashes', 'source_digests', 'combined_sha256',
-           'dataset_sha256']
+__all__ = ['held_out', 'warn_overlap', 'split_records', 'overlap', 'load_split', 'cache_root', 'FileHashes', 'source_digests',
+           'combined_sha256', 'dataset_sha256']
 
 # %% ../nbs/01c_split.ipynb #f960d506
 def held_out(n: int,  # number of records
@@ -28,6 +28,12 @@ def held_out(n: int,  # number of records
     return mask
 
 # %% ../nbs/01c_split.ipynb #3203d383
+def warn_overlap(eval_path, pairs: list[tuple]):
+    "Warn that the eval records `pairs` (train, eval names) are also in the training data; nothing when none are."
+    if pairs:
+        warnings.warn(f"{eval_path}: {len(pairs)} eval record(s) also in the training data "
+                      f"(train=eval lines {short_list(pairs)})")
+
 def split_records(records: list[dict],      # validated records
                   eval_ratio: float = 0.1,  # share held out for evaluation, in [0, 1)
                   seed: int = 42,           # same seed, same split
@@ -38,9 +44,7 @@ def split_records(records: list[dict],      # validated records
         ev = load_records(eval_path)
         seen = {content_key(r): r.get("_at", r.get("_line", i + 1)) for i, r in enumerate(records)}
         both = [(seen[k], r.get("_at", r["_line"])) for r in ev if (k := content_key(r)) in seen]
-        if both:
-            warnings.warn(f"{eval_path}: {len(both)} eval record(s) also in the training data "
-                          f"(train=eval lines {short_list(both)})")
+        warn_overlap(eval_path, both)
         return list(records), ev
     held = held_out(len(records), eval_ratio, seed)
     return [r for r, h in zip(records, held) if not h], [r for r, h in zip(records, held) if h]
