@@ -20,10 +20,8 @@ sys.path.insert(0, str(ROOT))
 from qlora_nb.bench import BASE, build_model, synthetic_examples  # noqa: E402
 from qlora_nb.config import load_config  # noqa: E402
 from qlora_nb.model import load_tokenizer  # noqa: E402
-from qlora_nb.speed import checkpoint_layers, decoder_layers, memory_model  # noqa: E402
+from qlora_nb.speed import GiB, checkpoint_layers, decoder_layers, memory_model  # noqa: E402
 from qlora_nb.train import setup_training  # noqa: E402
-
-GiB = 2 ** 30
 
 
 def grid(L: int, smoke: bool) -> list[tuple[int, int]]:
@@ -90,6 +88,7 @@ def main():
     trainer, plan = setup_training(config, tok, exs)
     model = trainer.model
     L = len(decoder_layers(model))
+    assert L == L0, (L, L0)
     probe = Probe(model, trainer.data_collator, cells, a.reps)
     trainer.data_collator.tokens_per_row = cells[0][0]
     trainer.row_hook = probe.hook

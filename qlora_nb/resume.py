@@ -18,7 +18,7 @@ from .outputs import (LOCK, OUTPUT_MANIFEST, RUN_INFO, STAGING, TRASH, checkpoin
                               sha256_file)
 
 # %% auto #0
-__all__ = ['OUTPUTS', 'TRAIN_OUTPUTS', 'FINGERPRINT_ARGS', 'STOP_ARGS', 'SHAPE_KEYS', 'KEPT_FROM_CHECKPOINT', 'TrainError',
+__all__ = ['TRAIN_OUTPUTS', 'FINGERPRINT_ARGS', 'STOP_ARGS', 'SHAPE_KEYS', 'KEPT_FROM_CHECKPOINT', 'TrainError',
            'TrainInterrupted', 'resolve_resume', 'jsonable', 'base_model_info', 'template_sha256', 'run_fingerprint',
            'fingerprint_changes', 'check_resume', 'interrupted_message', 'finished_step', 'published_step',
            'check_not_past']
@@ -33,8 +33,6 @@ class TrainInterrupted(TrainError):
     exit_code = EXIT_INTERRUPTED
 
 # %% ../nbs/05c_resume.ipynb #2e55e72e
-# what qlora_nb writes, besides checkpoint-N
-OUTPUTS = ('lora_adapter', 'final_model', 'metrics.jsonl', 'loss_curve.png', 'runs', 'eval')
 # what training writes, besides checkpoint-N
 TRAIN_OUTPUTS = ('lora_adapter', 'metrics.jsonl', 'loss_curve.png', 'runs')
 _FINISHED = ('lora_adapter', 'final_model', 'eval')  # outputs of a finished run: replaced only with --overwrite

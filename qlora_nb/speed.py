@@ -322,11 +322,10 @@ def apply_speed(model, plan: SpeedPlan, dtype=None):
             else: raise
 
 # %% ../nbs/05a_speed.ipynb #d2c72c2b
-_OOM = getattr(torch, 'OutOfMemoryError', torch.cuda.OutOfMemoryError)
-
 def is_oom(e: BaseException) -> bool:
     "Whether `e` is the GPU running out of memory."
-    return isinstance(e, _OOM) or (isinstance(e, RuntimeError) and 'out of memory' in str(e).lower())
+    if isinstance(e, torch.cuda.OutOfMemoryError): return True
+    return isinstance(e, RuntimeError) and 'out of memory' in str(e).lower()
 
 def oom_advice(args: TrainingArguments, max_length: int, plan=None) -> str:
     "What to change after a CUDA out-of-memory error, naming the sizes in play (`args` as the config sets them)."
