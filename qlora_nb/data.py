@@ -9,7 +9,7 @@ from .errors import QloraError
 
 # %% auto #0
 __all__ = ['ROLES', 'CONTROL_TOKENS', 'DataError', 'check_instruction', 'check_messages', 'text_problems', 'check_record',
-           'parse_line', 'record_problems', 'record_where', 'record_format', 'to_messages']
+           'parse_line', 'record_problems', 'record_line', 'record_where', 'record_format', 'to_messages']
 
 # %% ../nbs/01_data.ipynb #50c62820
 class DataError(QloraError, ValueError):
@@ -179,6 +179,10 @@ def record_problems(obj, surrogates: bool = True) -> list[str]:
     except RecursionError: return ["nested too deeply to check (a record is a few levels deep)"]
 
 # %% ../nbs/01_data.ipynb #67f213d2
+def record_line(record: dict, default=None):
+    "Where `record` was read, as reports list it: its `_at` (`file:line`), else its `_line`, else `default`."
+    return record.get('_at', record.get('_line', default))
+
 def record_where(record) -> str:
     "How an error names `record`: its line in the JSONL file (`file:line` or `row N` when it says so), when known."
     if not isinstance(record, dict): return 'record'

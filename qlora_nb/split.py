@@ -8,6 +8,7 @@ import hashlib, json, os, random, warnings
 from pathlib import Path
 import numpy as np
 from .sources import Source, load_records, resolve_sources, source_sha256, stat_key
+from .data import record_line
 from .stats import content_key, short_list
 
 # %% auto #0
@@ -42,8 +43,8 @@ def split_records(records: list[dict],      # validated records
     "Deterministic `(train, eval)` split of `records`."
     if eval_path is not None:
         ev = load_records(eval_path)
-        seen = {content_key(r): r.get("_at", r.get("_line", i + 1)) for i, r in enumerate(records)}
-        both = [(seen[k], r.get("_at", r["_line"])) for r in ev if (k := content_key(r)) in seen]
+        seen = {content_key(r): record_line(r, i + 1) for i, r in enumerate(records)}
+        both = [(seen[k], record_line(r)) for r in ev if (k := content_key(r)) in seen]
         warn_overlap(eval_path, both)
         return list(records), ev
     held = held_out(len(records), eval_ratio, seed)

@@ -8,7 +8,7 @@ import hashlib, json, math, statistics
 from dataclasses import dataclass, field
 from pathlib import Path
 import numpy as np
-from .data import DataError, record_format, to_messages
+from .data import DataError, record_format, record_line, to_messages
 
 # %% auto #0
 __all__ = ['BOOKKEEPING', 'LengthStats', 'LengthHistogram', 'content_key', 'find_duplicates', 'content_hash', 'duplicate_pairs',
@@ -72,7 +72,7 @@ def find_duplicates(records: list[dict]) -> list[tuple[int, int]]:
     "`(first_line, duplicate_line)` for each record whose content repeats an earlier one."
     first, pairs = {}, []
     for i, r in enumerate(records):
-        k, line = content_key(r), r.get("_at", r.get("_line", i + 1))
+        k, line = content_key(r), record_line(r, i + 1)
         if k in first: pairs.append((first[k], line))
         else: first[k] = line
     return pairs
@@ -149,7 +149,7 @@ def inspect_records(records: list[dict],          # validated records, as `load_
                           or (record_format(r) == "messages" and r["messages"][0]["role"] == "system")
                           for r in records),
         n_multi_turn=sum(sum(m["role"] == "assistant" for m in r["messages"]) > 1 for r in msgs),
-        lines=[r.get("_at", r.get("_line", i + 1)) for i, r in enumerate(records)],
+        lines=[record_line(r, i + 1) for i, r in enumerate(records)],
         prompt_chars=[chars(c, False) for c in convs], output_chars=[chars(c, True) for c in convs],
         tokens=_token_lengths(convs, tokenizer) if tokenizer is not None else None,
         max_length=max_length, duplicates=find_duplicates(records))
