@@ -12,7 +12,7 @@ from .cache import COLUMNS, build_entry, check_space, fingerprint, load_entry
 from .chatml import AuditError, EncodeReport, audit_examples, check_tokenizer, check_truncation, encode_records
 from .data import DataError
 from .stats import LengthHistogram, StreamStats
-from .sources import resolve_sources, scan_data, stat_key, where_name
+from .sources import names_file, resolve_sources, scan_data, stat_key, where_name
 from .split import FileHashes, cache_root, combined_sha256, held_out, load_split, overlap, warn_overlap
 
 # %% auto #0
@@ -37,7 +37,7 @@ class Encoded:
     def where(self, s: int, pos: int) -> str: return where_name(self.sources, s, pos)
     def _name(self, s: int, pos: int):
         "A record as the statistics name it: its line in a single JSONL file, else `where`."
-        return pos if len(self.sources) == 1 and not self.sources[0].tabular else self.where(s, pos)
+        return self.where(s, pos) if names_file(self.sources) else pos
 
     def over_max(self, max_length) -> list:
         "The records longer than `max_length` tokens, in record order (cut and kept, and dropped)."

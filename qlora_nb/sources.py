@@ -13,8 +13,8 @@ from .data import DataError, parse_line, record_problems, to_messages
 from .stats import StreamStats, content_hash, duplicate_pairs
 
 # %% auto #0
-__all__ = ['DATA_SUFFIXES', 'CHUNK', 'sniff', 'Source', 'resolve_sources', 'source_sha256', 'iter_items', 'where_name', 'Scan',
-           'stat_key', 'scan_data', 'load_records', 'head_records']
+__all__ = ['DATA_SUFFIXES', 'CHUNK', 'sniff', 'Source', 'resolve_sources', 'source_sha256', 'iter_items', 'names_file',
+           'where_name', 'Scan', 'stat_key', 'scan_data', 'load_records', 'head_records']
 
 # %% ../nbs/01b_sources.ipynb #56fecf41
 _MAGIC = [(b'\x00\x00\xfe\xff', 'utf-32'), (b'\xff\xfe\x00\x00', 'utf-32'), (b'\xfe\xff', 'utf-16'),
@@ -206,6 +206,10 @@ def _is_json_array(path, limit: int = 256 << 20) -> bool:
 # %% ../nbs/01b_sources.ipynb #09e2d275
 CHUNK = 4096  # records between two seek points of a scan
 
+def names_file(sources: list[Source]) -> bool:
+    "Whether reports name a record with its file (several inputs, or a table); one JSONL file's by its line alone."
+    return len(sources) > 1 or any(s.tabular for s in sources)
+
 def where_name(sources: list[Source], s: int, pos: int) -> str:
     ("How reports name a record: 'line 12' in a data set of one JSONL file (as always), else 'file:12', 'file:row 3', "
      "'row 3'.")
@@ -269,7 +273,7 @@ def scan_data(spec,  # dataset_path: a file, folder, glob or list (see `resolve_
     stats, problems, kept = StreamStats(), [], [] if keep else None
     src_ix, pos_ix, hashes = array('H'), array('q'), array('Q')
     index, digests, keys, n_lines, bad_files = [], [], [], 0, 0
-    named = len(sources) > 1 or any(s.tabular for s in sources)
+    named = names_file(sources)
     for s, src in enumerate(sources):
         keys.append(stat_key(src.path))
         if prob := src.problem():
@@ -318,7 +322,7 @@ def head_records(path,  # dataset_path, as `load_records` takes it
     ("The first `n` records of `path` (as `load_records` gives them), reading no further; a bad line among them is a "
      "`DataError`.")
     sources, out = resolve_sources(path), []
-    named = len(sources) > 1 or any(s.tabular for s in sources)
+    named = names_file(sources)
     for s, src in enumerate(sources):
         if prob := src.problem(): raise DataError(prob)
         it = iter_items(src)

@@ -7,7 +7,7 @@ from __future__ import annotations
 import hashlib, json, os, random, warnings
 from pathlib import Path
 import numpy as np
-from .sources import Source, load_records, resolve_sources, source_sha256, stat_key
+from .sources import Source, load_records, names_file, resolve_sources, source_sha256, stat_key
 from .data import record_line
 from .stats import content_key, short_list
 
@@ -57,7 +57,7 @@ def overlap(train, ev) -> list[tuple]:
     if not len(common): return []
     first = {}
     for i in np.flatnonzero(np.isin(train.hashes, common)).tolist(): first.setdefault(int(train.hashes[i]), i)
-    name = lambda s, i: int(s.pos[i]) if len(s.sources) == 1 and not s.sources[0].tabular else s.where(i)
+    name = lambda s, i: s.where(i) if names_file(s.sources) else int(s.pos[i])
     return [(name(train, first[int(ev.hashes[j])]), name(ev, j))
             for j in np.flatnonzero(np.isin(ev.hashes, common)).tolist()]
 
