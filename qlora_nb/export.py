@@ -20,7 +20,7 @@ from .report import run_manifest
 from .merge_check import ExportError, MergeCheckError, check_merge, exact_float32
 
 # %% auto #0
-__all__ = ['dequantize_model', 'load_merge_base', 'adapter_problems', 'stale_staging', 'first_examples', 'MergeResult',
+__all__ = ['dequantize_model', 'load_merge_base', 'adapter_problems', 'first_examples', 'stale_staging', 'MergeResult',
            'merge_adapter']
 
 # %% ../nbs/06_export.ipynb #92e7887d
@@ -74,6 +74,11 @@ def adapter_problems(adapter_dir) -> list[str]:
                          'learning_rate')
     return probs
 
+# %% ../nbs/06_export.ipynb #ca91f1f7
+def first_examples(exs, k: int) -> list[dict]:
+    "The first `k` examples of a list or a `datasets.Dataset`, as a list of dicts."
+    return [exs[i] for i in range(min(k, len(exs)))]
+
 # %% ../nbs/06_export.ipynb #1d3c70b2
 def stale_staging(out_dir) -> list[Path]:
     ("Leftovers of this tool's interrupted exports next to `out_dir` whose process is gone: "
@@ -89,11 +94,6 @@ def stale_staging(out_dir) -> list[Path]:
                 found.append(p)
     return found
 
-
-# %% ../nbs/06_export.ipynb #ca91f1f7
-def first_examples(exs, k: int) -> list[dict]:
-    "The first `k` examples of a list or a `datasets.Dataset`, as a list of dicts."
-    return [exs[i] for i in range(min(k, len(exs)))]
 
 # %% ../nbs/06_export.ipynb #97b1eed2
 @dataclass
