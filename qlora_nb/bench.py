@@ -12,10 +12,10 @@ from .cli import command, run_command
 # it before transformers, in a process of its own.
 
 # %% auto #0
-__all__ = ['QWEN25', 'WORKLOADS', 'SETUPS', 'DEFAULT_ROWS', 'SMOKE_ROWS', 'BASE', 'qwen_config', 'useful_flops', 'attended_pairs',
-           'build_model', 'matmul_rate', 'lognormal_lengths', 'synthetic_examples', 'workload_examples', 'parse_row',
-           'BenchError', 'Counting', 'summarize', 'run_row', 'run_unsloth_row', 'bench', 'table', 'bar_chart',
-           'write_outputs', 'bench_cli']
+__all__ = ['QWEN25', 'WORKLOADS', 'SETUPS', 'DEFAULT_ROWS', 'SMOKE_ROWS', 'BASE', 'FIRST_LOSSES', 'qwen_config', 'useful_flops',
+           'attended_pairs', 'build_model', 'matmul_rate', 'lognormal_lengths', 'synthetic_examples',
+           'workload_examples', 'parse_row', 'BenchError', 'Counting', 'summarize', 'run_row', 'run_unsloth_row',
+           'bench', 'table', 'bar_chart', 'write_outputs', 'bench_cli']
 
 # %% ../nbs/10_bench.ipynb #14d220f3
 QWEN25 = {  # hidden, intermediate, layers, attention heads, KV heads, vocabulary, tied embeddings
@@ -156,21 +156,32 @@ quantization_config: {{load_in_4bit: true, bnb_4bit_quant_type: nf4, bnb_4bit_co
                       bnb_4bit_use_double_quant: true}}
 lora_config: {{r: 32, lora_alpha: 64, lora_dropout: 0.0, target_modules: all-linear}}
 training_args: {{per_device_train_batch_size: 1, gradient_accumulation_steps: 8, learning_rate: 2.0e-4,
-                lr_scheduler_type: constant, warmup_steps: 0, logging_steps: 1, save_strategy: 'no',
+                lr_scheduler_type: constant, warmup_steps: 0, logging_steps: 10, save_strategy: 'no',
                 eval_strategy: 'no', report_to: none, disable_tqdm: true, seed: 42, dataloader_num_workers: 0}}
 data: {{max_length: {max_length}, eval_ratio: 0.0}}
 '''
 
+FIRST_LOSSES = 3  # the steps whose losses are logged and compared between rows
+
 def _clock():
+    import torch
     from transformers import TrainerCallback
     class StepClock(TrainerCallback):
-        "At each step's end, after a device sync: (seconds, tokens seen so far); and the logged losses."
-        def __init__(self, sync): self.sync, self.marks, self.losses = sync, [], []
-        def on_train_begin(self, args, state, control, **kw): self.sync(); self.marks.append((time.perf_counter(), 0))
+        "At each step's end, without waiting: (seconds, tokens seen so far); and the first steps' losses."
+        def __init__(self): self.cuda, self.marks, self.events, self.losses = torch.cuda.is_available(), [], [], []
+        def mark(self, tokens):
+            if not self.cuda: return self.marks.append((time.perf_counter(), tokens))
+            e = torch.cuda.Event(enable_timing=True); e.record(); self.events.append((e, tokens))
+        def on_train_begin(self, args, state, control, **kw): self.mark(0)
         def on_step_end(self, args, state, control, **kw):
-            self.sync(); self.marks.append((time.perf_counter(), state.num_input_tokens_seen))
+            self.mark(state.num_input_tokens_seen)
+            if state.global_step <= FIRST_LOSSES: control.should_log = True
+        def on_train_end(self, args, state, control, **kw):
+            if not self.events: return
+            torch.cuda.synchronize(); e0 = self.events[0][0]
+            self.marks = [(e0.elapsed_time(e) / 1e3, t) for e, t in self.events]
         def on_log(self, args, state, control, logs=None, **kw):
-            if logs and 'loss' in logs: self.losses.append(logs['loss'])
+            if logs and 'loss' in logs and len(self.losses) < FIRST_LOSSES: self.losses.append(logs['loss'])
     return StepClock
 
 class Counting:
@@ -221,12 +232,11 @@ def run_row(name: str, work, warmup: int, steps: int, smoke: bool = False, rate:
     tok = load_tokenizer(config)
     exs = workload_examples(workload, config, tok, smoke)
     cuda = torch.cuda.is_available()
-    sync = torch.cuda.synchronize if cuda else (lambda: None)
     free_memory()
     if cuda: torch.cuda.reset_peak_memory_stats()
     t0 = time.time()
     trainer, plan = setup_training(config, tok, exs)
-    counting, clock = Counting(trainer.data_collator), _clock()(sync)
+    counting, clock = Counting(trainer.data_collator), _clock()()
     trainer.data_collator = counting
     trainer.add_callback(clock)
     try: trainer.train()
@@ -262,10 +272,10 @@ def run_unsloth_row(name: str, work, warmup: int, steps: int, rate: float | None
                                              target_modules=linear, use_gradient_checkpointing='unsloth')
     exs = workload_examples(workload, config, tok)
     torch.cuda.reset_peak_memory_stats()
-    counting, clock = Counting(PadCollator(tok.pad_token_id)), _clock()(torch.cuda.synchronize)
+    counting, clock = Counting(PadCollator(tok.pad_token_id)), _clock()()
     args = TrainingArguments(output_dir=str(work/'rows'/'unsloth'), per_device_train_batch_size=8,
                              gradient_accumulation_steps=1, max_steps=warmup + steps, learning_rate=2e-4,
-                             lr_scheduler_type='constant', logging_steps=1, save_strategy='no', report_to='none',
+                             lr_scheduler_type='constant', logging_steps=10, save_strategy='no', report_to='none',
                              bf16=True, seed=42, disable_tqdm=True, remove_unused_columns=False,
                              include_num_input_tokens_seen='non_padding')
     t0 = time.time()

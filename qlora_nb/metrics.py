@@ -88,27 +88,60 @@ def diverged(output_dir, step: int, what: str) -> str:
 
 def _trainable(model) -> list[torch.Tensor]: return [p for p in model.parameters() if p.requires_grad]
 
-def _norm(ts) -> float:
-    ts = [t.detach().float() for t in ts if t is not None]
-    if not ts: return 0.0
-    return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(t).to(ts[0].device) for t in ts])).item()
+def _norms(ts) -> torch.Tensor:
+    "The norm of each tensor in `ts`, stacked on the first one's device (computed there, never read back)."
+    ts = [t.detach() for t in ts if t is not None]
+    return torch.stack([n.float().to(ts[0].device) for n in torch._foreach_norm(ts)])
 
 class NonFiniteGuard(TrainerCallback):
-    "Stop training with a `TrainError` when the gradient norm or the trained weights stop being finite."
+    """Stop training with a `TrainError` when a step's loss, gradient norm or trained weights stop being finite.
+    Each step's verdict is computed on the device and copied to the host as the step is queued; it is read once the
+    device has got there (a GPU is never made to wait for it), and always before anything is saved (`check`)."""
+    def __init__(self): self.losses, self.grad, self.pending, self.model = [], None, [], None
+
+    def add_loss(self, loss):
+        "Record a micro-batch's training loss (`QLoRATrainer.training_step` calls this)."
+        self.losses.append(loss.detach().float().mean().reshape(1))
+
     def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
-        if args.fp16 or model is None: return
-        if not math.isfinite(g := _norm(p.grad for p in _trainable(model))):
-            raise TrainError(diverged(args.output_dir, state.global_step + 1, f'the gradient norm is {g}'))
+        gs = [p.grad for p in _trainable(model)] if model is not None and not args.fp16 else []
+        self.grad = torch.linalg.vector_norm(_norms(gs)).reshape(1) if any(g is not None for g in gs) else None
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
-        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad] if model is not None else []
-        if not named: return
-        # one sync, not one per tensor
-        ok = torch.stack([torch.isfinite(p.detach()).all().to(named[0][1].device) for _, p in named])
-        if not ok.all().item():
-            bad = [n for (n, _), f in zip(named, ok.tolist()) if not f]
-            what = f'{len(bad)} trained tensors hold NaN or inf after the update ({bad[0]}, ...)'
-            raise TrainError(diverged(args.output_dir, state.global_step, what))
+        ps = _trainable(model) if model is not None else []
+        parts = [*self.losses, *([self.grad] if self.grad is not None else [])]
+        if ps: parts.append(torch.isfinite(_norms(ps)).all().float().reshape(1))  # 1: every weight finite
+        if parts:
+            dev = parts[0].device
+            v = torch.cat([p.to(dev) for p in parts])
+            ready = None
+            if dev.type == 'cuda':
+                host = torch.empty(v.shape, dtype=v.dtype, pin_memory=True)
+                v, ready = host.copy_(v, non_blocking=True), torch.cuda.Event()
+                ready.record()
+            self.pending.append((state.global_step, len(self.losses), self.grad is not None, bool(ps), v, ready))
+        self.losses, self.grad, self.model = [], None, model
+        self.check(args.output_dir)
+
+    def on_train_end(self, args, state, control, **kwargs): self.check(args.output_dir, wait=True)
+
+    def check(self, output_dir, wait: bool = False):
+        "Raise `TrainError` for the first step whose verdict says non-finite: of the steps the device has finished, or all."
+        while self.pending:
+            step, n_loss, has_grad, has_w, v, ready = self.pending[0]
+            if ready is not None and not wait and not ready.query(): return
+            if ready is not None: ready.synchronize()
+            self.pending.pop(0)
+            v = v.tolist()
+            what = next((f'the training loss is {x}' for x in v[:n_loss] if not math.isfinite(x)), None)
+            if what is None and has_grad and not math.isfinite(v[n_loss]): what = f'the gradient norm is {v[n_loss]}'
+            if what is None and has_w and v[-1] != 1.0:
+                bad = [n for n, p in self.model.named_parameters() if p.requires_grad and not torch.isfinite(p).all()]
+                what = f'{len(bad)} trained tensors hold NaN or inf after the update ({(bad or ["?"])[0]}, ...)'
+            if what:
+                self.pending.clear()
+                raise TrainError(diverged(output_dir, step, what))
+
 
 # %% ../nbs/05d_metrics.ipynb #08874da9
 def nonfinite_tensors(folder) -> list[str]:

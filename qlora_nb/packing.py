@@ -95,7 +95,8 @@ def varlen_kwargs(rows: list[list[int]],  # the example lengths of each row (`pa
                   device=None) -> dict:
     "Sequence boundaries of a packed batch for the varlen kernel: `cu_seq_lens_q/k`, `max_length_q/k`."
     seqs = [n for row in rows for n in [*row, row_length - sum(row)] if n > 0]
-    cu = torch.tensor([0, *itertools.accumulate(seqs)], dtype=torch.int32, device=device)
+    cu = torch.tensor([0, *itertools.accumulate(seqs)], dtype=torch.int32)
+    if torch.device(device or 'cpu').type == 'cuda': cu = cu.pin_memory().to(device, non_blocking=True)  # no wait
     return {'cu_seq_lens_q': cu, 'cu_seq_lens_k': cu, 'max_length_q': max(seqs), 'max_length_k': max(seqs)}
 
 def _varlen_reference(q, k, v, cu, scale):
@@ -224,5 +225,7 @@ class PackedTrainerMixin:
     def _track_num_input_tokens(self, inputs):
         if ROWS not in inputs or self.args.include_num_input_tokens_seen != 'non_padding':
             return super()._track_num_input_tokens(inputs)
-        n = torch.as_tensor(sum(map(sum, inputs[ROWS])), device=self.args.device, dtype=torch.int64)
-        self.state.num_input_tokens_seen += self.accelerator.gather(n).sum().item()
+        n = sum(map(sum, inputs[ROWS]))  # counted on the host: no GPU round trip, no wait, with one process
+        if self.accelerator.num_processes > 1:
+            n = self.accelerator.gather(torch.tensor(n, device=self.args.device, dtype=torch.int64)).sum().item()
+        self.state.num_input_tokens_seen += n

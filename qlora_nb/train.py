@@ -28,7 +28,7 @@ from .outputs import (RUN_INFO, STAGING, clean_leftovers, list_checkpoints, outp
 from .resume import (TrainError, TrainInterrupted, base_model_info, check_not_past, check_resume,
                              finished_step, interrupted_message, published_step, resolve_resume,
                              run_fingerprint)
-from .metrics import (METRICS, MetricsLogger, NonFiniteGuard, diverged, nonfinite_tensors, plot_loss_curve,
+from .metrics import (METRICS, MetricsLogger, NonFiniteGuard, nonfinite_tensors, plot_loss_curve,
                               read_metrics, summarize_metrics)
 from .report import report_examples, run_manifest
 
@@ -45,6 +45,11 @@ class QLoRATrainer(PackedTrainerMixin, Trainer):
     run_info: dict | None = None  # written into each checkpoint as qlora_nb_run.json (`train` sets it)
     _staging_name: str | None = None
 
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.guard = NonFiniteGuard()  # the stop on a non-finite loss, gradient or weight
+        self.add_callback(self.guard)
+
     def staging_dir(self, run_dir) -> Path:
         """The folder saves are written to before they are published:
         `run_dir/.qlora_nb-staging-<pid of the main process>`."""
@@ -57,6 +62,7 @@ class QLoRATrainer(PackedTrainerMixin, Trainer):
         return Path(run_dir)/self._staging_name
 
     def _save_checkpoint(self, model, trial):
+        self.guard.check(self.args.output_dir, wait=True)  # nothing diverged is saved
         run_dir = Path(self._get_output_dir(trial=trial))
         staging, name = self.staging_dir(run_dir), f'{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}'
         if self.args.should_save:
@@ -89,9 +95,7 @@ class QLoRATrainer(PackedTrainerMixin, Trainer):
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         loss = super().training_step(model, inputs, num_items_in_batch)
-        if not torch.isfinite(loss).all():
-            what = f'the training loss is {loss.float().mean().item()}'
-            raise TrainError(diverged(self.args.output_dir, self.state.global_step + 1, what))
+        self.guard.add_loss(loss)
         return loss
 
 # %% ../nbs/05_train.ipynb #35874b9f
@@ -124,6 +128,8 @@ def training_arguments(config: Config, has_eval: bool = True, compute_dtype: tor
             get = lambda k: ta.get(k, TrainingArguments.__dataclass_fields__[k].default)
             ta['per_device_train_batch_size'] = get('per_device_train_batch_size') * get('gradient_accumulation_steps')
             ta['gradient_accumulation_steps'] = 1
+        # batches go to the GPU from pinned memory without making the CPU wait for the GPU's queue
+        ta.setdefault('accelerator_config', {'non_blocking': True})
     ta.setdefault('include_num_input_tokens_seen', 'non_padding')
     ta.setdefault('dataloader_pin_memory', torch.cuda.is_available())
     ta.setdefault('logging_nan_inf_filter', False)
@@ -252,7 +258,7 @@ def train(config: Config,  # from `load_config(path, overrides)`
                                resume, reports, 0)
         if is_main(): record_outputs(out, METRICS, *(['runs'] if 'tensorboard' in args.report_to else []))
         trainer, plan = setup_training(config, tokenizer, train_ex, eval_ex, args,
-                                       callbacks=[MetricsLogger(out/METRICS), NonFiniteGuard(), *(callbacks or [])])
+                                       callbacks=[MetricsLogger(out/METRICS), *(callbacks or [])])
         model = trainer.model
         if is_main(): print('speed          ' + '\n               '.join([plan.summary(), *plan.notes]))
         if trainer.pop_callback(ProgressCallback) is not None: trainer.add_callback(QuietEvalProgress)
