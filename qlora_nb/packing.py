@@ -9,8 +9,9 @@ from dataclasses import dataclass
 import torch
 
 # %% auto #0
-__all__ = ['ROWS', 'VARLEN', 'pack_bins', 'example_lengths', 'round_up', 'PackCollator', 'use_packing', 'varlen_kwargs',
-           'varlen_attention_forward', 'register_varlen_attention', 'attention_kernel', 'PackedTrainerMixin']
+__all__ = ['ROWS', 'TRAINED', 'VARLEN', 'pack_bins', 'example_lengths', 'round_up', 'PackCollator', 'use_packing',
+           'varlen_kwargs', 'varlen_attention_forward', 'register_varlen_attention', 'attention_kernel',
+           'PackedTrainerMixin']
 
 # %% ../nbs/02a_packing.ipynb #d3a72bd7
 def pack_bins(lengths,  # token count of each example
@@ -45,6 +46,7 @@ def example_lengths(examples, lengths=None) -> list[int]:
 
 # %% ../nbs/02a_packing.ipynb #ed8b4bd2
 ROWS = 'packed_rows'  # the batch key with the example lengths of each row; read by the Trainer, never by the model
+TRAINED = 'trained_per_row'  # the batch key with each row's count of positions whose next token is trained
 
 def round_up(n: int, m: int | None) -> int:
     "`n` rounded up to a multiple of `m` (`n` itself when `m` is None or 0)."
@@ -77,7 +79,8 @@ class PackCollator:
                 pos[r, t:t + k] = torch.arange(k)
                 t += k
             pos[r, t:] = torch.arange(T - t)  # the padding: a sequence of its own, never trained
-        return {'input_ids': ids, 'labels': labels, 'position_ids': pos, ROWS: [[lens[i] for i in b] for b in bins]}
+        return {'input_ids': ids, 'labels': labels, 'position_ids': pos, ROWS: [[lens[i] for i in b] for b in bins],
+                TRAINED: (labels[:, 1:] != -100).sum(1).tolist()}
 
 # %% ../nbs/02a_packing.ipynb #af76c6d3
 def use_packing(model):
@@ -195,6 +198,7 @@ class PackedTrainerMixin:
     ("Mix into a `Trainer`: packed batches train row by row, count their real tokens, and give varlen kernels "
      "their bounds.")
     row_hook = None  # called with each row's token count before its forward pass
+    pass_trained = False  # give the model `trained_tokens` (the host's count) with each row: its loss then needs no wait
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         rows = inputs.get(ROWS)
@@ -206,6 +210,7 @@ class PackedTrainerMixin:
             n = min(T, round_up(sum(row), 64))
             part = {k: v[r:r + 1, :n] if torch.is_tensor(v) and v.dim() == 2 else v for k, v in inputs.items()}
             part[ROWS] = [row]
+            if TRAINED in inputs: part[TRAINED] = inputs[TRAINED][r:r + 1]
             if self.row_hook is not None: self.row_hook(n)
             last = r == len(rows) - 1
             sync = last or self.accelerator.num_processes == 1
@@ -217,7 +222,8 @@ class PackedTrainerMixin:
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if ROWS in inputs:
             inputs = dict(inputs)
-            rows = inputs.pop(ROWS)
+            rows, trained = inputs.pop(ROWS), inputs.pop(TRAINED, None)
+            if self.pass_trained and trained is not None: inputs['trained_tokens'] = sum(trained)
             if getattr(getattr(self.model, 'config', None), '_attn_implementation', None) == VARLEN:
                 inputs.update(varlen_kwargs(rows, inputs['input_ids'].shape[1], inputs['input_ids'].device))
         return super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)

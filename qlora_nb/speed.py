@@ -14,10 +14,10 @@ from .model import input_device, is_fsdp
 from .packing import ROWS, VARLEN, PackCollator, round_up, attention_kernel, use_packing, varlen_kwargs
 
 # %% auto #0
-__all__ = ['CE_CHUNK', 'GiB', 'ROW_SIZES', 'chunked_lm_loss', 'model_compute_dtype', 'use_chunked_loss', 'MemoryModel',
-           'usable_bytes', 'memory_model', 'decoder_layers', 'checkpoint_layers', 'compile_layers', 'uncompile_layers',
-           'liger_problem', 'apply_liger', 'SpeedPlan', 'wants_checkpointing', 'speed_plan', 'apply_speed', 'is_oom',
-           'oom_advice']
+__all__ = ['CE_CHUNK', 'GiB', 'ROW_SIZES', 'chunked_lm_loss', 'model_compute_dtype', 'use_chunked_loss', 'loss_takes_trained',
+           'MemoryModel', 'usable_bytes', 'memory_model', 'decoder_layers', 'checkpoint_layers', 'compile_layers',
+           'uncompile_layers', 'liger_problem', 'apply_liger', 'SpeedPlan', 'wants_checkpointing', 'speed_plan',
+           'apply_speed', 'is_oom', 'oom_advice']
 
 # %% ../nbs/05a_speed.ipynb #3d2f18be
 CE_CHUNK = 1024  # tokens whose logits are computed at once (1,024 x 152k vocabulary x 10 bytes: 1.5 GB held)
@@ -28,12 +28,16 @@ def chunked_lm_loss(hidden,  # (B, T, d): the last hidden states
                     lm_head,  # the output layer (a module: an adapter on it is trained)
                     labels,  # (B, T) unshifted labels, -100 where not trained
                     num_items_in_batch=None,  # the Trainer's count of trained tokens in the whole step
-                    chunk: int = CE_CHUNK):
+                    chunk: int = CE_CHUNK,
+                    trained: int | None = None):  # how many positions are trained, if the host knows (no wait)
     """Next-token cross-entropy through `lm_head`, `chunk` tokens at a time, each chunk's logits recomputed in the
     backward."""
     shift = F.pad(labels, (0, 1), value=-100)[..., 1:]
     keep = shift != -100
-    h, y = hidden[keep], shift[keep]  # only the positions that are trained
+    if trained is None: h, y = hidden[keep], shift[keep]  # only the positions that are trained
+    else:  # the same positions, in the same order, without asking the GPU how many there are
+        idx = torch.argsort((~keep).reshape(-1).int(), stable=True)[:trained]
+        h, y = hidden.reshape(-1, hidden.shape[-1]).index_select(0, idx), shift.reshape(-1)[idx]
     if y.numel() == 0: return hidden.sum() * 0.0
     total = 0.0
     for i in range(0, y.numel(), chunk):
@@ -60,16 +64,22 @@ def use_chunked_loss(model, chunk: int = CE_CHUNK):
     if 'forward' in vars(lm): return model  # already replaced (chunked, or Liger's fused loss)
     full = lm.forward
 
-    def forward(input_ids=None, attention_mask=None, position_ids=None, labels=None, num_items_in_batch=None, **kwargs):
+    def forward(input_ids=None, attention_mask=None, position_ids=None, labels=None, num_items_in_batch=None,
+                trained_tokens=None, **kwargs):
         if labels is None:
             return full(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, **kwargs)
         for k in ('logits_to_keep', 'return_dict', 'use_cache'): kwargs.pop(k, None)
         out = lm.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False,
                        **kwargs)
         return CausalLMOutputWithPast(loss=chunked_lm_loss(out.last_hidden_state, lm.lm_head, labels,
-                                                           num_items_in_batch, chunk))
+                                                           num_items_in_batch, chunk, trained_tokens))
     lm.forward = forward
+    forward.takes_trained = True
     return model
+
+def loss_takes_trained(model) -> bool:
+    "Whether `model`'s loss is `use_chunked_loss`'s, which takes `trained_tokens` (the host's count)."
+    return getattr(vars(_causal_lm(model)).get('forward'), 'takes_trained', False)
 
 # %% ../nbs/05a_speed.ipynb #75710b5e
 GiB = 2**30

@@ -21,8 +21,8 @@ from .lora import add_lora
 from .distributed import (check_distributed, check_launch, check_resume_launch, check_shared_output,
                                   distributed_args, is_main, save_adapter)
 from .packing import PackCollator, PackedTrainerMixin, example_lengths
-from .speed import (SpeedPlan, is_oom, apply_speed, checkpoint_layers, oom_advice, speed_plan,
-                            wants_checkpointing)
+from .speed import (SpeedPlan, is_oom, apply_speed, checkpoint_layers, loss_takes_trained, oom_advice,
+                            speed_plan, wants_checkpointing)
 from .outputs import (RUN_INFO, STAGING, clean_leftovers, list_checkpoints, output_lock, publish_dir,
                               record_outputs, rotate_checkpoints, write_checksums)
 from .resume import (TrainError, TrainInterrupted, base_model_info, check_not_past, check_resume,
@@ -185,6 +185,7 @@ def setup_training(config: Config, tokenizer, train_ex, eval_ex=None, args: Trai
     trainer = QLoRATrainer(model=model, args=targs, train_dataset=train_ex, eval_dataset=eval_ex or None,
                            data_collator=collator, processing_class=tokenizer, callbacks=list(callbacks))
     if plan.checkpointing == 'auto': trainer.row_hook = lambda tokens: checkpoint_layers(model, plan.layers_for(tokens))
+    trainer.pass_trained = loss_takes_trained(model)
     return trainer, plan
 
 # %% ../nbs/05_train.ipynb #7bc2fcda
