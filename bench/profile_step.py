@@ -91,7 +91,8 @@ def analyze(trace: dict, n_steps: int, top: int = 12) -> dict:
                                      for t in (10, 100, 1000)}
     kt = collections.defaultdict(float)
     for e in gpu: kt[e['name'][:90]] += e['dur']
-    out['gpu_top_kernels_ms'] = [[k, round(v / 1e3 / n_steps, 2)] for k, v in sorted(kt.items(), key=lambda kv: -kv[1])[:top]]
+    out['gpu_top_kernels_ms'] = [[k, round(v / 1e3 / n_steps, 2)]
+                                 for k, v in sorted(kt.items(), key=lambda kv: -kv[1])[:top]]
     # long gaps: what the host was running when the kernel that ended the gap was launched
     launch = {e['args'].get('correlation'): e for e in rt if 'args' in e}
     starts = sorted((e['ts'], e) for e in gpu)

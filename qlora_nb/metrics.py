@@ -126,7 +126,7 @@ class NonFiniteGuard(TrainerCallback):
     def on_train_end(self, args, state, control, **kwargs): self.check(args.output_dir, wait=True)
 
     def check(self, output_dir, wait: bool = False):
-        "Raise `TrainError` for the first step whose verdict says non-finite: of the steps the device has finished, or all."
+        "Raise `TrainError` for the first non-finite step among those the device has finished (all of them with `wait`)."
         while self.pending:
             step, n_loss, has_grad, has_w, v, ready = self.pending[0]
             if ready is not None and not wait and not ready.query(): return

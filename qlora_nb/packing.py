@@ -198,7 +198,7 @@ class PackedTrainerMixin:
     ("Mix into a `Trainer`: packed batches train row by row, count their real tokens, and give varlen kernels "
      "their bounds.")
     row_hook = None  # called with each row's token count before its forward pass
-    pass_trained = False  # give the model `trained_tokens` (the host's count) with each row: its loss then needs no wait
+    pass_trained = False  # give the model `trained_tokens` (the host's count) with each row: its loss needs no wait
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         rows = inputs.get(ROWS)
