@@ -91,12 +91,21 @@ def _trainable(model) -> list[torch.Tensor]: return [p for p in model.parameters
 def _norms(ts) -> torch.Tensor:
     "The norm of each tensor in `ts`, stacked on the first one's device (computed there, never read back)."
     ts = [t.detach() for t in ts if t is not None]
-    return torch.stack([n.float().to(ts[0].device) for n in torch._foreach_norm(ts)])
+    if any(hasattr(t, 'full_tensor') for t in ts):  # FSDP's sharded DTensors: each norm reduced over the shards
+        ns = [torch.linalg.vector_norm(t) for t in ts]
+        ns = [n.full_tensor() if hasattr(n, 'full_tensor') else n for n in ns]
+    else: ns = torch._foreach_norm(ts)
+    return torch.stack([n.float().to(ns[0].device) for n in ns])
+
+def _several_processes() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized() and \
+        torch.distributed.get_world_size() > 1
 
 class NonFiniteGuard(TrainerCallback):
     """Stop training with a `TrainError` when a step's loss, gradient norm or trained weights stop being finite.
     Each step's verdict is computed on the device and copied to the host as the step is queued; it is read once the
-    device has got there (a GPU is never made to wait for it), and always before anything is saved (`check`)."""
+    device has got there (a GPU is never made to wait for it), and always before anything is saved (`check`).
+    With several processes it is read at every step, so that all of them stop at the same one."""
     def __init__(self): self.losses, self.grad, self.pending, self.model = [], None, [], None
 
     def add_loss(self, loss):
@@ -113,15 +122,16 @@ class NonFiniteGuard(TrainerCallback):
         if ps: parts.append(torch.isfinite(_norms(ps)).all().float().reshape(1))  # 1: every weight finite
         if parts:
             dev = parts[0].device
-            v = torch.cat([p.to(dev) for p in parts])
-            ready = None
+            v, ready = torch.cat([p.to(dev) for p in parts]), None
             if dev.type == 'cuda':
-                host = torch.empty(v.shape, dtype=v.dtype, pin_memory=True)
-                v, ready = host.copy_(v, non_blocking=True), torch.cuda.Event()
-                ready.record()
+                with torch.cuda.device(dev):  # the event on the stream that does the copy
+                    host = torch.empty(v.shape, dtype=v.dtype, pin_memory=True)
+                    v, ready = host.copy_(v, non_blocking=True), torch.cuda.Event()
+                    ready.record()
             self.pending.append((state.global_step, len(self.losses), self.grad is not None, bool(ps), v, ready))
         self.losses, self.grad, self.model = [], None, model
-        self.check(args.output_dir)
+        # the Trainer saves after this callback when should_save is set: read everything first
+        self.check(args.output_dir, wait=control.should_save or _several_processes())
 
     def on_train_end(self, args, state, control, **kwargs): self.check(args.output_dir, wait=True)
 
