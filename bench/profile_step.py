@@ -4,7 +4,8 @@
 For each row it trains `--warmup` steps, profiles `--steps` more, and reports from the trace: the steps' wall time,
 the time the GPU was busy (the union of kernels and copies), the idle gaps in the GPU's timeline and which host op was
 launching when each long gap ended, the host time in CUDA runtime calls (launches, synchronizations, copies) and the
-top-level host ops. Nothing is changed in qlora_nb; this only reads.
+top-level host ops. Nothing is changed in qlora_nb; this only reads. To time each step it synchronises at the step's
+start and end, so the GPU's idle time between steps is partly its own doing (`qlora_nb_bench` times with CUDA events).
 
     python bench/profile_step.py --preset 7B --tokenizer .whl/qwen2.5-tokenizer --out $OUT/profile
     python bench/profile_step.py --smoke        # the tiny model on the CPU: checks the script itself

@@ -309,7 +309,7 @@ def _one_in_process(name, work, warmup, steps, rate, timeout, smoke: bool = Fals
     tail = (p.stderr or p.stdout).strip().splitlines()[-1:] or ['no output']
     return {'row': name, 'error': f'exit status {p.returncode}: {tail[0][:200]}'}
 
-def bench(preset: str = '7B', rows=None, out='bench_out', work=None, tokenizer=None, data=None, warmup: int = 2,
+def bench(preset: str = '7B', rows=None, out='bench_out', work=None, tokenizer=None, data=None, warmup: int = 3,
           steps: int = 4, time_budget: float = 400, smoke: bool = False) -> list[dict]:
     "Run the benchmark rows (`DEFAULT_ROWS`, or `SMOKE_ROWS` with `smoke`); write bench.json/.md/.png to `out`."
     import torch
@@ -422,7 +422,7 @@ def bench_cli(preset: str = '7B',  # model shape: 0.5B, 1.5B, 3B, 7B, 14B, 32B, 
               work: str = None,  # where the model is built and rows write (default: a folder in the temp dir)
               tokenizer: str = None,  # tokenizer files for the model (default: data/tiny_qwen's; give Qwen2.5's)
               data: str = None,  # the shipped workload's JSONL (default: data/novel_finetuning_dataset.jsonl)
-              warmup: int = 2,  # optimizer steps not timed (warm-up, compile)
+              warmup: int = 3,  # optimizer steps not timed (warm-up, compile; the first 3 wait to log)
               steps: int = 4,  # optimizer steps timed
               time_budget: float = 400,  # start no row after this many seconds
               smoke: bool = False,  # the tiny shape on the CPU: checks the benchmark itself
