@@ -1,6 +1,6 @@
 """Calibrate the fast path's memory model (`qlora_nb.speed.MemoryModel`) and its row-size choice on a GPU.
 
-Trains a random-weight Qwen2.5 model (`qlora_nb.bench.build_model`) through qlora_nb's own `setup_training` and
+Trains a random-weight Qwen2.5 model (`qlora_nb.bench.bench_work`) through qlora_nb's own `setup_training` and
 `Trainer.train`, on 2,048-token examples, 8 per step, while a callback changes the packed row size T and the number of
 decoder layers recomputed n every few steps. Each step records the memory allocated at its start (weights, adapters,
 optimizer states), its peak, its rows and its time. The per-token cost of a row is then fitted as
@@ -17,7 +17,7 @@ from transformers import TrainerCallback
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from qlora_nb.bench import BASE, build_model, synthetic_examples  # noqa: E402
+from qlora_nb.bench import bench_work, synthetic_examples  # noqa: E402
 from qlora_nb.config import load_config  # noqa: E402
 from qlora_nb.model import load_tokenizer  # noqa: E402
 from qlora_nb.speed import GiB, checkpoint_layers, decoder_layers, memory_model  # noqa: E402
@@ -75,9 +75,7 @@ def main():
     a = ap.parse_args()
     preset = 'tiny' if a.smoke else a.preset
     work = Path(tempfile.gettempdir())/'qlora_nb_probe'
-    model_dir, _ = build_model(preset, work/f'model-{preset}', a.tokenizer)
-    (work/'bench.yaml').write_text(BASE.format(model=model_dir, data=ROOT/'data'/'novel_finetuning_dataset.jsonl',
-                                               out=work/'run', max_length=256 if a.smoke else 2048))
+    model_dir, _ = bench_work(preset, work, a.tokenizer, ROOT/'data'/'novel_finetuning_dataset.jsonl', a.smoke)
     L0 = json.loads((model_dir/'qlora_nb_bench_shape.json').read_text())['num_hidden_layers']
     cells = grid(L0, a.smoke)
     over = ['training.checkpointing=auto' if torch.cuda.is_available() else 'training.checkpointing=all',

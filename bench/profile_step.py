@@ -18,7 +18,7 @@ from transformers import TrainerCallback
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from qlora_nb.bench import BASE, SETUPS, build_model, parse_row, workload_examples  # noqa: E402
+from qlora_nb.bench import SETUPS, bench_work, parse_row, workload_examples  # noqa: E402
 from qlora_nb.config import load_config  # noqa: E402
 from qlora_nb.model import free_memory, load_tokenizer  # noqa: E402
 from qlora_nb.train import setup_training  # noqa: E402
@@ -165,9 +165,7 @@ def main():
     preset = 'tiny' if a.smoke else a.preset
     work, out = Path(tempfile.gettempdir())/'qlora_nb_profile', Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
-    model_dir, _ = build_model(preset, work/f'model-{preset}', a.tokenizer)
-    (work/'bench.yaml').write_text(BASE.format(model=model_dir, data=ROOT/'data'/'novel_finetuning_dataset.jsonl',
-                                               out=work/'run', max_length=256 if a.smoke else 2048))
+    bench_work(preset, work, a.tokenizer, ROOT/'data'/'novel_finetuning_dataset.jsonl', a.smoke)
     results = []
     for name in a.rows.split(','):
         r = profile_row(name, work, a.warmup, a.steps, out)

@@ -14,8 +14,8 @@ from .cli import command, run_command
 # %% auto #0
 __all__ = ['QWEN25', 'WORKLOADS', 'SETUPS', 'DEFAULT_ROWS', 'SMOKE_ROWS', 'BASE', 'FIRST_LOSSES', 'qwen_config', 'useful_flops',
            'attended_pairs', 'build_model', 'matmul_rate', 'lognormal_lengths', 'synthetic_examples',
-           'workload_examples', 'parse_row', 'BenchError', 'Counting', 'summarize', 'run_row', 'run_unsloth_row',
-           'bench', 'table', 'bar_chart', 'write_outputs', 'bench_cli']
+           'workload_examples', 'parse_row', 'BenchError', 'bench_work', 'Counting', 'summarize', 'run_row',
+           'run_unsloth_row', 'bench', 'table', 'bar_chart', 'write_outputs', 'bench_cli']
 
 # %% ../nbs/10_bench.ipynb #14d220f3
 QWEN25 = {  # hidden, intermediate, layers, attention heads, KV heads, vocabulary, tied embeddings
@@ -160,6 +160,14 @@ training_args: {{per_device_train_batch_size: 1, gradient_accumulation_steps: 8,
                 eval_strategy: 'no', report_to: none, disable_tqdm: true, seed: 42, dataloader_num_workers: 0}}
 data: {{max_length: {max_length}, eval_ratio: 0.0}}
 '''
+
+def bench_work(preset: str, work, tokenizer, data, smoke: bool = False) -> tuple[Path, float]:
+    "Build the `preset` model in `work` and write the rows' base config, `work/bench.yaml`; `(model folder, seconds)`."
+    work = Path(work)
+    model_dir, build_s = build_model(preset, work/f'model-{preset}', tokenizer)
+    (work/'bench.yaml').write_text(BASE.format(model=model_dir, data=data, out=work/'rows'/'base',
+                                               max_length=256 if smoke else 2048))
+    return model_dir, build_s
 
 FIRST_LOSSES = 3  # the steps whose losses are logged and compared between rows
 
@@ -332,9 +340,7 @@ def bench(preset: str = '7B', rows=None, out='bench_out', work=None, tokenizer=N
     out.mkdir(parents=True, exist_ok=True); work.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
     rate = matmul_rate()
-    model_dir, build_s = build_model(preset, work/f'model-{preset}', tokenizer)
-    (work/'bench.yaml').write_text(BASE.format(model=model_dir, data=data, out=work/'rows'/'base',
-                                               max_length=256 if smoke else 2048))
+    model_dir, build_s = bench_work(preset, work, tokenizer, data, smoke)
     info = {'preset': preset, 'gpu': torch.cuda.get_device_name(0) if cuda else 'cpu (smoke)', 'versions': _versions(),
             'bf16_matmul_tflops': round(rate / 1e12, 1) if rate else None, 'build_s': round(build_s, 1),
             'tokenizer': str(tokenizer), 'data': str(data), 'date': time.strftime('%Y-%m-%d %H:%M'),

@@ -97,10 +97,6 @@ def _norms(ts) -> torch.Tensor:
     else: ns = torch._foreach_norm(ts)
     return torch.stack([n.float().to(ns[0].device) for n in ns])
 
-def _several_processes() -> bool:
-    return torch.distributed.is_available() and torch.distributed.is_initialized() and \
-        torch.distributed.get_world_size() > 1
-
 class NonFiniteGuard(TrainerCallback):
     """Stop training with a `TrainError` when a step's loss, gradient norm or trained weights stop being finite.
     Each step's verdict is computed on the device and copied to the host as the step is queued; it is read once the
@@ -130,8 +126,9 @@ class NonFiniteGuard(TrainerCallback):
                     ready.record()
             self.pending.append((state.global_step, len(self.losses), self.grad is not None, bool(ps), v, ready))
         self.losses, self.grad, self.model = [], None, model
-        # the Trainer saves after this callback when should_save is set: read everything first
-        self.check(args.output_dir, wait=control.should_save or _several_processes())
+        # a step the Trainer saves after (QLoRATrainer also reads before every save: a best-model save is decided
+        # after the callbacks); with several processes, every step, so that all stop at the same one
+        self.check(args.output_dir, wait=control.should_save or args.world_size > 1)
 
     def on_train_end(self, args, state, control, **kwargs): self.check(args.output_dir, wait=True)
 
