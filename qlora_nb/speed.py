@@ -4,20 +4,20 @@
 
 # %% ../nbs/05a_speed.ipynb #5b0e0003
 from __future__ import annotations
-import dataclasses, math
+import dataclasses, functools, logging, types
 from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
+from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 from transformers import TrainingArguments
 from .model import input_device, is_fsdp
 from .packing import ROWS, VARLEN, PackCollator, round_up, attention_kernel, use_packing, varlen_kwargs
 
 # %% auto #0
 __all__ = ['CE_CHUNK', 'GiB', 'ROW_SIZES', 'chunked_lm_loss', 'model_compute_dtype', 'use_chunked_loss', 'loss_takes_trained',
-           'MemoryModel', 'usable_bytes', 'memory_model', 'decoder_layers', 'checkpoint_layers', 'compile_layers',
-           'uncompile_layers', 'liger_problem', 'apply_liger', 'SpeedPlan', 'wants_checkpointing', 'speed_plan',
-           'apply_speed', 'is_oom', 'oom_advice']
+           'MemoryModel', 'usable_bytes', 'memory_model', 'decoder_layers', 'keep_attention', 'checkpoint_layers',
+           'compile_layers', 'uncompile_layers', 'liger_problem', 'apply_liger', 'SpeedPlan', 'wants_checkpointing',
+           'speed_plan', 'apply_speed', 'is_oom', 'oom_advice']
 
 # %% ../nbs/05a_speed.ipynb #3d2f18be
 CE_CHUNK = 1024  # tokens whose logits are computed at once (1,024 x 152k vocabulary x 10 bytes: 1.5 GB held)
@@ -86,22 +86,27 @@ GiB = 2**30
 
 @dataclass
 class MemoryModel:
-    """Peak GPU memory of a row: `fixed + tokens x (row + n x kept_in + (layers - n) x kept_all)` with n layers
-    recomputed."""
+    """Peak GPU memory of a row with n of its layers recomputed: `fixed + tokens x (row + n x kept_in + (layers - n) x
+    kept_all)` at the loss, or, when a recomputed layer runs its backward pass, the same with `backward_fixed` and
+    `recompute_row`."""
     budget: float  # bytes the run may fill (a margin for the CUDA context and fragmentation already taken off)
     fixed: float  # bytes that do not grow with the row: weights, adapters, gradients, optimizer states, a loss chunk
     row: float  # bytes per token outside the layers (a layer being recomputed, gradients in flight)
     kept_all: float  # bytes per token a layer keeps for its backward pass
     kept_in: float  # bytes per token a recomputed (checkpointed) layer keeps: its input
     layers: int
+    backward_fixed: float = 0.0  # `fixed` while a recomputed layer runs its backward (no loss chunk; its weights)
+    recompute_row: float = 0.0  # bytes per token that layer then holds (0: never more than at the loss)
 
     def peak(self, tokens: int, recomputed: int) -> float:
-        return self.fixed + tokens * (self.row + recomputed * self.kept_in + (self.layers - recomputed) * self.kept_all)
+        kept = recomputed * self.kept_in + (self.layers - recomputed) * self.kept_all
+        at_loss = self.fixed + tokens * (self.row + kept)
+        if not (recomputed and self.recompute_row): return at_loss
+        return max(at_loss, self.backward_fixed + tokens * (self.recompute_row + kept))
 
     def layers_for(self, tokens: int) -> int | None:
         "The fewest layers to recompute for a row of `tokens` to fit the budget; None if even all of them do not."
-        room = (self.budget - self.peak(tokens, self.layers)) / max(tokens * (self.kept_all - self.kept_in), 1)
-        return None if room < 0 else max(0, self.layers - math.floor(room))
+        return next((n for n in range(self.layers + 1) if self.peak(tokens, n) <= self.budget), None)
 
 def usable_bytes(budget_gib: float) -> float:
     "What of a memory budget the allocator may fill: 90% of it, less 0.5 GiB for the CUDA context."
@@ -116,27 +121,50 @@ def memory_model(model, config, budget_gib: float, chunk: int | None = CE_CHUNK,
     held = (torch.cuda.memory_allocated(dev) if dev.type == 'cuda' else
             sum(p.numel() * p.element_size() for p in model.parameters()))
     fixed = held + 12 * trainable + (chunk or 0) * V * 10  # float32 gradients and two Adam states; a chunk of logits
-    # bytes per token per layer in bfloat16: compiled layers keep less (their graph recomputes what is cheap)
-    kept_all = 2 * (7 * d + 3 * ff) if compiled else 2 * (11 * d + 4.2 * ff)
+    # bytes per token per layer in bfloat16: compiled layers keep less (their graph recomputes what is cheap); a
+    # recomputed one keeps its input, and when compiled also attention's output (`checkpoint_layers`)
+    kept_all, kept_in = (2 * (7 * d + 3 * ff) if compiled else 2 * (11 * d + 4.2 * ff)), 4 * d
     if config.lora_config.lora_dropout > 0:  # each adapted layer keeps its dropped-out input (and the mask)
         layer = decoder_layers(model)[0]
-        kept_all += 3 * sum(m.in_features for m in layer.modules() if hasattr(m, 'lora_A') and len(m.lora_A))
+        dropped = 3 * sum(m.in_features for m in layer.modules() if hasattr(m, 'lora_A') and len(m.lora_A))
+        kept_all, kept_in = kept_all + dropped, kept_in + (dropped if compiled else 0)
     # in flight; without chunks also every token's logits, their float32 copy, gradient
     row = (8 * d if compiled else 1.6 * kept_all) + (0 if chunk else V * 10)
-    return MemoryModel(usable_bytes(budget_gib), fixed, row, kept_all, 4 * d, L)
+    if not compiled: return MemoryModel(usable_bytes(budget_gib), fixed, row, kept_all, kept_in, L)
+    # a compiled layer recomputed in its backward pass holds what it recomputes and its gradients (22 x intermediate
+    # bytes per token, measured) and its three MLP weights dequantized
+    return MemoryModel(usable_bytes(budget_gib), fixed, row, kept_all, kept_in, L,
+                       backward_fixed=held + 12 * trainable + 6 * d * ff, recompute_row=22 * ff)
 
 # %% ../nbs/05a_speed.ipynb #e7448674
 def decoder_layers(model) -> list:
     "The decoder layers of `model` (wrapped by PEFT or not)."
     return list(_causal_lm(model).model.layers)
 
+def keep_attention(ctx, op, *args, **kwargs):
+    """Selective recomputation's policy: keep what attention returns (and what a random op, dropout's, drew), recompute
+    everything else in the backward pass."""
+    name = str(op)
+    keep = 'attention' in name or 'attn' in name or torch.Tag.nondeterministic_seeded in getattr(op, 'tags', ())
+    return CheckpointPolicy.MUST_SAVE if keep else CheckpointPolicy.PREFER_RECOMPUTE
+
+_KEEP_ATTENTION = functools.partial(create_selective_checkpoint_contexts, keep_attention)
+
+def _recompute_selectively(layer, *args, **kwargs):
+    "A decoder layer's forward that keeps only its input and attention's output for the backward pass."
+    return checkpoint(type(layer).forward, layer, *args, use_reentrant=False, context_fn=_KEEP_ATTENTION, **kwargs)
+
 def checkpoint_layers(model, n: int) -> int:
     "Recompute the first `n` decoder layers in the backward pass and keep the others' activations; return `n`."
     layers = decoder_layers(model)
-    if n and not all(hasattr(l, '_gradient_checkpointing_func') for l in layers):
+    compiled = [l._compiled_call_impl is not None for l in layers]
+    if n and not all(c or hasattr(l, '_gradient_checkpointing_func') for l, c in zip(layers, compiled)):
         raise ValueError('checkpoint_layers: checkpointing is not set up on this model '
                          '(add_lora(..., checkpointing=True))')
-    for i, layer in enumerate(layers): layer.gradient_checkpointing = i < n
+    for i, (layer, c) in enumerate(zip(layers, compiled)):
+        layer.gradient_checkpointing = i < n and not c
+        if i < n and c: layer.forward = types.MethodType(_recompute_selectively, layer)  # inside the compiled call
+        else: vars(layer).pop('forward', None)
     return n
 
 # %% ../nbs/05a_speed.ipynb #e155725d
@@ -144,13 +172,15 @@ def compile_layers(model) -> int:
     "`torch.compile` every decoder layer of `model` in place; return how many."
     import torch._dynamo
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+    # selective recomputation (`checkpoint_layers`) passes a policy to checkpoint; the layers have no in-place ops
+    logging.getLogger('torch._higher_order_ops.wrap').setLevel(logging.ERROR)
     layers = decoder_layers(model)
     for layer in layers: layer.compile()
     return len(layers)
 
 def uncompile_layers(model):
     "Undo `compile_layers`."
-    for layer in decoder_layers(model): layer._compiled_call_impl = None
+    for layer in decoder_layers(model): layer._compiled_call_impl = None; vars(layer).pop('forward', None)
 
 # %% ../nbs/05a_speed.ipynb #d3318160
 def liger_problem(model) -> str | None:
@@ -281,7 +311,7 @@ def speed_plan(config, model, lengths: list[int], examples_per_step: int) -> Spe
     if p.checkpointing == 'auto':
         full = p.tokens_per_row or longest
         p.notes.append(f'checkpointing: per row within {p.memory_budget_gib} GiB; a row of {full:,} tokens recomputes '
-                       f'{p.layers_for(full)} of {L} layers')
+                       f"{p.layers_for(full)} of {L} layers{' (selectively, keeping attention)' if p.compile else ''}")
     return p
 
 # %% ../nbs/05a_speed.ipynb #ead98f69
