@@ -198,6 +198,7 @@ class PackedTrainerMixin:
     ("Mix into a `Trainer`: packed batches train row by row, count their real tokens, and give varlen kernels "
      "their bounds.")
     row_hook = None  # called with each row's token count before its forward pass
+    forward_context = None  # called with a row's token count: a context for its forward pass, or None
     pass_trained = False  # give the model `trained_tokens` (the host's count) with each row: its loss needs no wait
 
     def training_step(self, model, inputs, num_items_in_batch=None):
@@ -226,7 +227,10 @@ class PackedTrainerMixin:
             if self.pass_trained and trained is not None: inputs['trained_tokens'] = sum(trained)
             if getattr(getattr(self.model, 'config', None), '_attn_implementation', None) == VARLEN:
                 inputs.update(varlen_kwargs(rows, inputs['input_ids'].shape[1], inputs['input_ids'].device))
-        return super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
+        ctx = self.forward_context and self.forward_context(inputs['input_ids'].shape[1])
+        with ctx or contextlib.nullcontext():
+            return super().compute_loss(model, inputs, return_outputs=return_outputs,
+                                        num_items_in_batch=num_items_in_batch)
 
     def _track_num_input_tokens(self, inputs):
         if ROWS not in inputs or self.args.include_num_input_tokens_seen != 'non_padding':

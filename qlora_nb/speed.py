@@ -4,7 +4,7 @@
 
 # %% ../nbs/05a_speed.ipynb #5b0e0003
 from __future__ import annotations
-import dataclasses, functools, logging, types
+import contextlib, dataclasses, functools, logging, types, weakref
 from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
@@ -16,8 +16,8 @@ from .packing import ROWS, VARLEN, PackCollator, round_up, attention_kernel, use
 # %% auto #0
 __all__ = ['CE_CHUNK', 'GiB', 'ROW_SIZES', 'chunked_lm_loss', 'model_compute_dtype', 'use_chunked_loss', 'loss_takes_trained',
            'MemoryModel', 'usable_bytes', 'memory_model', 'decoder_layers', 'keep_attention', 'checkpoint_layers',
-           'compile_layers', 'uncompile_layers', 'liger_problem', 'apply_liger', 'SpeedPlan', 'wants_checkpointing',
-           'speed_plan', 'apply_speed', 'is_oom', 'oom_advice']
+           'Offload', 'compile_layers', 'uncompile_layers', 'liger_problem', 'apply_liger', 'SpeedPlan',
+           'wants_checkpointing', 'speed_plan', 'apply_speed', 'is_oom', 'oom_advice']
 
 # %% ../nbs/05a_speed.ipynb #3d2f18be
 CE_CHUNK = 1024  # tokens whose logits are computed at once (1,024 x 152k vocabulary x 10 bytes: 1.5 GB held)
@@ -98,8 +98,10 @@ class MemoryModel:
     backward_fixed: float = 0.0  # `fixed` while a recomputed layer runs its backward (no loss chunk; its weights)
     recompute_row: float = 0.0  # bytes per token that layer then holds (0: never more than at the loss)
 
-    def peak(self, tokens: int, recomputed: int) -> float:
-        kept = recomputed * self.kept_in + (self.layers - recomputed) * self.kept_all
+    def peak(self, tokens: int, recomputed: int, offload: bool = False) -> float:
+        "With `offload` (`Offload`) the recomputed layers keep what they save in CPU memory, two at a time on the GPU."
+        kept = min(recomputed, 2) * self.kept_in if offload else recomputed * self.kept_in
+        kept += (self.layers - recomputed) * self.kept_all
         at_loss = self.fixed + tokens * (self.row + kept)
         if not (recomputed and self.recompute_row): return at_loss
         return max(at_loss, self.backward_fixed + tokens * (self.recompute_row + kept))
@@ -167,6 +169,64 @@ def checkpoint_layers(model, n: int) -> int:
         else: vars(layer).pop('forward', None)
     return n
 
+# %% ../nbs/05a_speed.ipynb #0ff10ad2
+class _Moved:
+    "A tensor that `Offload` moved to CPU memory: its copy there, its copy back, and how many saved slots still use it."
+    def __init__(self, i: int, cpu, t):
+        self.i, self.cpu, self.gpu, self.ready, self.uses, self.of = i, cpu, None, None, 1, weakref.ref(t)
+
+def _dense(t) -> bool:
+    "Whether `t` covers its memory span once, with no gaps and no overlap: a copy with its strides holds it all."
+    span = 1
+    for size, stride in sorted(zip(t.shape, t.stride()), key=lambda p: p[1]):
+        if size == 1: continue
+        if stride != span: return False
+        span *= size
+    return True
+
+class Offload:
+    "Move what a row's forward pass saves for its backward pass to pinned CPU memory, and back ahead of the backward."
+    def __init__(self, device, ahead: int = 4, min_bytes: int = 2**20):
+        self.device, self.ahead, self.min_bytes = torch.device(device), ahead, min_bytes
+        self.stream, self.moved, self.tokens = torch.cuda.Stream(self.device), [], 0
+
+    @contextlib.contextmanager
+    def row(self, tokens: int):
+        "Inside: the forward pass of a row of `tokens`; what it saves moves out now and comes back during its backward."
+        self.tokens, self.moved, self.by_ptr = tokens, [], {}
+        with torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack): yield self
+
+    def _pack(self, t):
+        if (not t.is_cuda or self.tokens not in t.shape[:3] or t.numel() * t.element_size() < self.min_bytes
+                or not _dense(t)): return t
+        if (h := self.by_ptr.get(t.data_ptr())) is not None and h.of() is t: h.uses += 1; return h  # saved again
+        self.stream.wait_stream(torch.cuda.current_stream(self.device))  # after the op that made it
+        with torch.cuda.stream(self.stream):
+            cpu = torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, pin_memory=True)
+            cpu.copy_(t, non_blocking=True)
+        t.record_stream(self.stream)  # its GPU memory is reused only after the copy
+        h = self.by_ptr[t.data_ptr()] = _Moved(len(self.moved), cpu, t)
+        self.moved.append(h)
+        return h
+
+    def _fetch(self, h):
+        if h.gpu is not None or h.cpu is None: return
+        with torch.cuda.stream(self.stream):
+            h.gpu = torch.empty_strided(h.cpu.shape, h.cpu.stride(), dtype=h.cpu.dtype, device=self.device)
+            h.gpu.copy_(h.cpu, non_blocking=True)
+            h.ready = torch.cuda.Event(); h.ready.record(self.stream)
+
+    def _unpack(self, h):
+        if torch.is_tensor(h): return h
+        for j in range(h.i, max(h.i - self.ahead, -1), -1): self._fetch(self.moved[j])  # the backward runs backwards
+        compute = torch.cuda.current_stream(self.device)
+        compute.wait_event(h.ready)
+        g = h.gpu
+        g.record_stream(compute)
+        h.uses -= 1
+        if not h.uses: h.gpu = h.cpu = None
+        return g
+
 # %% ../nbs/05a_speed.ipynb #e155725d
 def compile_layers(model) -> int:
     "`torch.compile` every decoder layer of `model` in place; return how many."
@@ -227,6 +287,7 @@ class SpeedPlan:
     lean_prep: bool = False
     chunked_loss: bool = False
     liger: bool = False
+    offload: bool = False  # rows that fit only so move what their recomputed layers keep to CPU memory (`Offload`)
     memory_budget_gib: float | None = None
     notes: list = field(default_factory=list)
     memory: MemoryModel | None = field(default=None, repr=False)
@@ -241,6 +302,10 @@ class SpeedPlan:
         if self.checkpointing != 'auto': return self.checkpointing
         n = self.memory.layers_for(tokens)
         return self.memory.layers if n is None else n
+
+    def offloads(self, tokens: int) -> bool:
+        "Whether a row of `tokens` moves what it keeps to CPU memory: it would not fit the budget otherwise."
+        return self.offload and self.memory.peak(tokens, self.memory.layers) > self.memory.budget
 
     def summary(self) -> str:
         if self.style == 'seed': return 'seed style: one example per row, float32 k-bit prep, training_args as given'
@@ -293,10 +358,11 @@ def speed_plan(config, model, lengths: list[int], examples_per_step: int) -> Spe
     if cuda:
         p.memory_budget_gib = round(_budget_gib(config, dev), 2)
         p.memory = memory_model(model, config, p.memory_budget_gib, CE_CHUNK if p.chunked_loss else None, p.compile)
+    p.offload = cuda and p.compile and p.checkpointing == 'auto'
     if p.packing:
         step = sum(sorted(lengths, reverse=True)[:examples_per_step]) or longest  # the most tokens a step can hold
         n = L if p.checkpointing == 'auto' else p.checkpointing
-        fits = lambda T: p.memory is None or p.memory.peak(T, n) <= p.memory.budget
+        fits = lambda T: p.memory is None or p.memory.peak(T, n, p.offload and n == L) <= p.memory.budget
         # sdpa (and eager) keep packed examples apart with a mask over the whole row: attention grows with its square
         cap = max(round_up(longest, 64), (4096 if cuda else 1024) if p.attention in ('sdpa', 'eager')
                   else ROW_SIZES[0])
@@ -312,6 +378,10 @@ def speed_plan(config, model, lengths: list[int], examples_per_step: int) -> Spe
         full = p.tokens_per_row or longest
         p.notes.append(f'checkpointing: per row within {p.memory_budget_gib} GiB; a row of {full:,} tokens recomputes '
                        f"{p.layers_for(full)} of {L} layers{' (selectively, keeping attention)' if p.compile else ''}")
+        p.offload = p.offload and p.offloads(full)
+        if p.offload:
+            p.notes.append(f"memory: a row of {full:,} tokens keeps its layers' inputs and attention outputs in CPU "
+                           f'memory ({full * L * p.memory.kept_in / 1e9:.1f} GB), moved beside the compute')
     return p
 
 # %% ../nbs/05a_speed.ipynb #ead98f69
@@ -350,7 +420,7 @@ def apply_speed(model, plan: SpeedPlan, dtype=None):
         except Exception as e:
             why = f'{type(e).__name__}: {str(e).strip().splitlines()[0][:200] if str(e).strip() else ""}'
             if plan.compile:
-                uncompile_layers(model); plan.compile = False
+                uncompile_layers(model); plan.compile = plan.offload = False
                 plan.notes.append(f'training.compile: off, the probe pass failed ({why})')
             elif plan.liger:
                 plan.undo.pop()(); plan.liger = False

@@ -16,12 +16,12 @@ from .config import Config, check_training_args
 from .errors import option
 from .chatml import PadCollator
 from .examples import examples
-from .model import compute_dtype, free_memory, load_tokenizer, load_model
+from .model import compute_dtype, free_memory, input_device, load_tokenizer, load_model
 from .lora import add_lora
 from .distributed import (check_distributed, check_launch, check_resume_launch, check_shared_output,
                                   distributed_args, is_main, save_adapter)
 from .packing import PackCollator, PackedTrainerMixin, example_lengths
-from .speed import (SpeedPlan, is_oom, apply_speed, checkpoint_layers, loss_takes_trained, oom_advice,
+from .speed import (Offload, SpeedPlan, is_oom, apply_speed, checkpoint_layers, loss_takes_trained, oom_advice,
                             speed_plan, wants_checkpointing)
 from .outputs import (RUN_INFO, STAGING, clean_leftovers, list_checkpoints, output_lock, publish_dir,
                               record_outputs, rotate_checkpoints, write_checksums)
@@ -185,6 +185,9 @@ def setup_training(config: Config, tokenizer, train_ex, eval_ex=None, args: Trai
     trainer = QLoRATrainer(model=model, args=targs, train_dataset=train_ex, eval_dataset=eval_ex or None,
                            data_collator=collator, processing_class=tokenizer, callbacks=list(callbacks))
     if plan.checkpointing == 'auto': trainer.row_hook = lambda tokens: checkpoint_layers(model, plan.layers_for(tokens))
+    if plan.offload:
+        offload = Offload(input_device(model))
+        trainer.forward_context = lambda tokens: offload.row(tokens) if plan.offloads(tokens) else None
     trainer.pass_trained = loss_takes_trained(model)
     return trainer, plan
 
