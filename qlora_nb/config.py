@@ -102,6 +102,8 @@ class TrainingSection:
     checkpointing: Literal['auto', 'all', 'none'] | int = 'auto'
     lean_prep: bool = True  # keep norms, embeddings and the head in the compute dtype (PEFT upcasts them to float32)
     chunked_loss: bool = True  # the loss over the vocabulary a chunk of tokens at a time, never all logits at once
+    # rows that fit memory_budget_gib only so keep what their recomputed layers save in CPU memory (compiled, on a GPU)
+    offload: bool = True
     # Liger kernels (liger-kernel); auto: on a GPU when installed and compile is off
     liger: bool | Literal['auto'] = 'auto'
 

@@ -201,9 +201,9 @@ class Offload:
                 or not _dense(t)): return t
         if (h := self.by_ptr.get(t.data_ptr())) is not None and h.of() is t: h.uses += 1; return h  # saved again
         self.stream.wait_stream(torch.cuda.current_stream(self.device))  # after the op that made it
-        with torch.cuda.stream(self.stream):
-            cpu = torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, pin_memory=True)
-            cpu.copy_(t, non_blocking=True)
+        try: cpu = torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, pin_memory=True)
+        except RuntimeError: return t  # no pinned memory to be had: it stays on the GPU
+        with torch.cuda.stream(self.stream): cpu.copy_(t, non_blocking=True)
         t.record_stream(self.stream)  # its GPU memory is reused only after the copy
         h = self.by_ptr[t.data_ptr()] = _Moved(len(self.moved), cpu, t)
         self.moved.append(h)
@@ -358,7 +358,7 @@ def speed_plan(config, model, lengths: list[int], examples_per_step: int) -> Spe
     if cuda:
         p.memory_budget_gib = round(_budget_gib(config, dev), 2)
         p.memory = memory_model(model, config, p.memory_budget_gib, CE_CHUNK if p.chunked_loss else None, p.compile)
-    p.offload = cuda and p.compile and p.checkpointing == 'auto'
+    p.offload = t.offload and cuda and p.compile and p.checkpointing == 'auto'
     if p.packing:
         step = sum(sorted(lengths, reverse=True)[:examples_per_step]) or longest  # the most tokens a step can hold
         n = L if p.checkpointing == 'auto' else p.checkpointing
