@@ -2,7 +2,8 @@
 
 Trains a random-weight Qwen2.5 model through qlora_nb's `setup_training` on 2,048-token examples, 8 per step, while a
 callback switches the packed row size T, the loss chunk and how the decoder layers are recomputed: `full`
-(transformers' checkpointing around each compiled call: the whole layer again in the backward pass), `selective`
+(transformers' own checkpointing of each layer: with transformers 5.17, around the compiled call, so the whole layer
+runs again in the backward pass; newer versions checkpoint inside it), `selective`
 (`qlora_nb.speed.checkpoint_layers`: inside the compiled call, attention's output kept), `none`. Prints tokens/s and
 peak memory per cell, and times pinned host<->GPU copies alone and beside matmuls (what `Offload` relies on).
 
@@ -22,7 +23,7 @@ from qlora_nb.speed import GiB, checkpoint_layers, decoder_layers  # noqa: E402
 from qlora_nb.train import setup_training  # noqa: E402
 
 def set_mode(model, mode):
-    "full: transformers' checkpointing around each compiled call (the old way); selective: `checkpoint_layers`; none."
+    "full: transformers' own checkpointing of each layer (the old way); selective: `checkpoint_layers`; none."
     L = len(decoder_layers(model))
     checkpoint_layers(model, L if mode == 'selective' else 0)
     if mode == 'full':

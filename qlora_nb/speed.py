@@ -4,7 +4,7 @@
 
 # %% ../nbs/05a_speed.ipynb #5b0e0003
 from __future__ import annotations
-import contextlib, dataclasses, functools, logging, types, weakref
+import contextlib, dataclasses, functools, logging, math, os, types, weakref
 from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
@@ -17,7 +17,7 @@ from .packing import ROWS, VARLEN, PackCollator, round_up, attention_kernel, use
 __all__ = ['CE_CHUNK', 'GiB', 'ROW_SIZES', 'chunked_lm_loss', 'model_compute_dtype', 'use_chunked_loss', 'loss_takes_trained',
            'MemoryModel', 'usable_bytes', 'memory_model', 'decoder_layers', 'keep_attention', 'checkpoint_layers',
            'Offload', 'compile_layers', 'uncompile_layers', 'liger_problem', 'apply_liger', 'SpeedPlan',
-           'wants_checkpointing', 'speed_plan', 'apply_speed', 'is_oom', 'oom_advice']
+           'wants_checkpointing', 'host_free_bytes', 'speed_plan', 'apply_speed', 'is_oom', 'oom_advice']
 
 # %% ../nbs/05a_speed.ipynb #3d2f18be
 CE_CHUNK = 1024  # tokens whose logits are computed at once (1,024 x 152k vocabulary x 10 bytes: 1.5 GB held)
@@ -129,7 +129,7 @@ def memory_model(model, config, budget_gib: float, chunk: int | None = CE_CHUNK,
     if config.lora_config.lora_dropout > 0:  # each adapted layer keeps its dropped-out input (and the mask)
         layer = decoder_layers(model)[0]
         dropped = 3 * sum(m.in_features for m in layer.modules() if hasattr(m, 'lora_A') and len(m.lora_A))
-        kept_all, kept_in = kept_all + dropped, kept_in + (dropped if compiled else 0)
+        kept_all += dropped  # (a compiled layer recomputed keeps only dropout's seeds, and draws the same masks again)
     # in flight; without chunks also every token's logits, their float32 copy, gradient
     row = (8 * d if compiled else 1.6 * kept_all) + (0 if chunk else V * 10)
     if not compiled: return MemoryModel(usable_bytes(budget_gib), fixed, row, kept_all, kept_in, L)
@@ -144,11 +144,10 @@ def decoder_layers(model) -> list:
     return list(_causal_lm(model).model.layers)
 
 def keep_attention(ctx, op, *args, **kwargs):
-    """Selective recomputation's policy: keep what attention returns (and what a random op, dropout's, drew), recompute
-    everything else in the backward pass."""
+    "Selective recomputation's policy: keep what attention returns, recompute everything else in the backward pass."
     name = str(op)
-    keep = 'attention' in name or 'attn' in name or torch.Tag.nondeterministic_seeded in getattr(op, 'tags', ())
-    return CheckpointPolicy.MUST_SAVE if keep else CheckpointPolicy.PREFER_RECOMPUTE
+    return (CheckpointPolicy.MUST_SAVE if 'attention' in name or 'attn' in name
+            else CheckpointPolicy.PREFER_RECOMPUTE)
 
 _KEEP_ATTENTION = functools.partial(create_selective_checkpoint_contexts, keep_attention)
 
@@ -173,7 +172,8 @@ def checkpoint_layers(model, n: int) -> int:
 class _Moved:
     "A tensor that `Offload` moved to CPU memory: its copy there, its copy back, and how many saved slots still use it."
     def __init__(self, i: int, cpu, t):
-        self.i, self.cpu, self.gpu, self.ready, self.uses, self.of = i, cpu, None, None, 1, weakref.ref(t)
+        self.i, self.cpu, self.gpu, self.ready, self.uses = i, cpu, None, None, 1
+        self.of, self.version = weakref.ref(t), t._version
 
 def _dense(t) -> bool:
     "Whether `t` covers its memory span once, with no gaps and no overlap: a copy with its strides holds it all."
@@ -194,12 +194,16 @@ class Offload:
     def row(self, tokens: int):
         "Inside: the forward pass of a row of `tokens`; what it saves moves out now and comes back during its backward."
         self.tokens, self.moved, self.by_ptr = tokens, [], {}
-        with torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack): yield self
+        try:
+            with torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack): yield self
+        except BaseException: self.moved, self.by_ptr = [], {}; raise  # a row that failed holds nothing
 
     def _pack(self, t):
-        if (not t.is_cuda or self.tokens not in t.shape[:3] or t.numel() * t.element_size() < self.min_bytes
-                or not _dense(t)): return t
-        if (h := self.by_ptr.get(t.data_ptr())) is not None and h.of() is t: h.uses += 1; return h  # saved again
+        if (not t.is_cuda or isinstance(t, torch.nn.Parameter) or (t.is_leaf and t.requires_grad)
+                or self.tokens not in t.shape[:3] or t.numel() * t.element_size() < self.min_bytes or not _dense(t)):
+            return t
+        h = self.by_ptr.get(t.data_ptr())
+        if h is not None and h.of() is t and h.version == t._version: h.uses += 1; return h  # saved again, unchanged
         self.stream.wait_stream(torch.cuda.current_stream(self.device))  # after the op that made it
         try: cpu = torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, pin_memory=True)
         except RuntimeError: return t  # no pinned memory to be had: it stays on the GPU
@@ -218,7 +222,11 @@ class Offload:
 
     def _unpack(self, h):
         if torch.is_tensor(h): return h
-        for j in range(h.i, max(h.i - self.ahead, -1), -1): self._fetch(self.moved[j])  # the backward runs backwards
+        if h.cpu is None: raise RuntimeError('Offload: a saved tensor was asked for after its last use (a second backward '
+                                             'pass through the same graph?); set training.offload: false')
+        self._fetch(h)
+        if h.uses == 1:  # not a tensor every layer saves: also bring back the few saved before it (the backward runs
+            for j in range(h.i - 1, max(h.i - self.ahead, -1), -1): self._fetch(self.moved[j])  # backwards)
         compute = torch.cuda.current_stream(self.device)
         compute.wait_event(h.ready)
         g = h.gpu
@@ -305,7 +313,7 @@ class SpeedPlan:
 
     def offloads(self, tokens: int) -> bool:
         "Whether a row of `tokens` moves what it keeps to CPU memory: it would not fit the budget otherwise."
-        return self.offload and self.memory.peak(tokens, self.memory.layers) > self.memory.budget
+        return self.offload and self.memory.layers_for(tokens) is None
 
     def summary(self) -> str:
         if self.style == 'seed': return 'seed style: one example per row, float32 k-bit prep, training_args as given'
@@ -331,6 +339,11 @@ def _budget_gib(config, device) -> float:
     if config.training.memory_budget_gib is not None: return config.training.memory_budget_gib
     free, _ = torch.cuda.mem_get_info(device)
     return (free + torch.cuda.memory_reserved(device)) / GiB  # what is free, plus what this process holds already
+
+def host_free_bytes() -> float:
+    "CPU memory free now (Linux; elsewhere unknown: infinite)."
+    try: return os.sysconf('SC_AVPHYS_PAGES') * os.sysconf('SC_PAGE_SIZE')
+    except (ValueError, OSError, AttributeError): return math.inf
 
 def speed_plan(config, model, lengths: list[int], examples_per_step: int) -> SpeedPlan:
     "`config.training` resolved for `model` (adapters added), these example `lengths` and `examples_per_step`."
@@ -362,7 +375,9 @@ def speed_plan(config, model, lengths: list[int], examples_per_step: int) -> Spe
     if p.packing:
         step = sum(sorted(lengths, reverse=True)[:examples_per_step]) or longest  # the most tokens a step can hold
         n = L if p.checkpointing == 'auto' else p.checkpointing
-        fits = lambda T: p.memory is None or p.memory.peak(T, n, p.offload and n == L) <= p.memory.budget
+        host = host_free_bytes() / 2  # what offloading may pin
+        fits = lambda T: p.memory is None or p.memory.peak(T, n) <= p.memory.budget or (
+            p.offload and n == L and p.memory.peak(T, n, True) <= p.memory.budget and T * L * p.memory.kept_in <= host)
         # sdpa (and eager) keep packed examples apart with a mask over the whole row: attention grows with its square
         cap = max(round_up(longest, 64), (4096 if cuda else 1024) if p.attention in ('sdpa', 'eager')
                   else ROW_SIZES[0])
@@ -420,7 +435,11 @@ def apply_speed(model, plan: SpeedPlan, dtype=None):
         except Exception as e:
             why = f'{type(e).__name__}: {str(e).strip().splitlines()[0][:200] if str(e).strip() else ""}'
             if plan.compile:
-                uncompile_layers(model); plan.compile = plan.offload = False
+                uncompile_layers(model); plan.compile = False
+                if plan.offload:
+                    plan.offload = False
+                    plan.notes.append(f'memory: no offloading without compiled layers; rows of {plan.tokens_per_row:,} '
+                                      'tokens may not fit the budget (lower training.tokens_per_row if memory runs out)')
                 plan.notes.append(f'training.compile: off, the probe pass failed ({why})')
             elif plan.liger:
                 plan.undo.pop()(); plan.liger = False
