@@ -225,8 +225,9 @@ class Offload:
         if h.cpu is None: raise RuntimeError('Offload: a saved tensor was asked for after its last use (a second backward '
                                              'pass through the same graph?); set training.offload: false')
         self._fetch(h)
-        if h.uses == 1:  # not a tensor every layer saves: also bring back the few saved before it (the backward runs
-            for j in range(h.i - 1, max(h.i - self.ahead, -1), -1): self._fetch(self.moved[j])  # backwards)
+        # the backward runs backwards: also bring back the few tensors saved before this one (unless every layer shares it)
+        if h.uses == 1:
+            for j in range(h.i - 1, max(h.i - self.ahead, -1), -1): self._fetch(self.moved[j])
         compute = torch.cuda.current_stream(self.device)
         compute.wait_event(h.ready)
         g = h.gpu
