@@ -4,7 +4,7 @@
 
 # %% ../nbs/05a_speed.ipynb #5b0e0003
 from __future__ import annotations
-import contextlib, dataclasses, functools, logging, math, os, types, weakref
+import contextlib, dataclasses, functools, logging, math, types, weakref
 from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
@@ -222,10 +222,11 @@ class Offload:
 
     def _unpack(self, h):
         if torch.is_tensor(h): return h
-        if h.cpu is None: raise RuntimeError('Offload: a saved tensor was asked for after its last use (a second backward '
-                                             'pass through the same graph?); set training.offload: false')
+        if h.cpu is None:
+            raise RuntimeError('Offload: a saved tensor was asked for after its last use (a second backward pass '
+                               'through the same graph?); set training.offload: false')
         self._fetch(h)
-        # the backward runs backwards: also bring back the few tensors saved before this one (unless every layer shares it)
+        # the backward runs backwards: also bring back the few tensors saved before this one (unless layers share it)
         if h.uses == 1:
             for j in range(h.i - 1, max(h.i - self.ahead, -1), -1): self._fetch(self.moved[j])
         compute = torch.cuda.current_stream(self.device)
@@ -342,9 +343,11 @@ def _budget_gib(config, device) -> float:
     return (free + torch.cuda.memory_reserved(device)) / GiB  # what is free, plus what this process holds already
 
 def host_free_bytes() -> float:
-    "CPU memory free now (Linux; elsewhere unknown: infinite)."
-    try: return os.sysconf('SC_AVPHYS_PAGES') * os.sysconf('SC_PAGE_SIZE')
-    except (ValueError, OSError, AttributeError): return math.inf
+    "CPU memory available now: Linux's MemAvailable, which counts the page cache it can drop (elsewhere: infinite)."
+    try:
+        with open('/proc/meminfo') as f:
+            return next(int(l.split()[1]) * 1024 for l in f if l.startswith('MemAvailable:'))
+    except (OSError, StopIteration, ValueError): return math.inf
 
 def speed_plan(config, model, lengths: list[int], examples_per_step: int) -> SpeedPlan:
     "`config.training` resolved for `model` (adapters added), these example `lengths` and `examples_per_step`."
@@ -439,8 +442,9 @@ def apply_speed(model, plan: SpeedPlan, dtype=None):
                 uncompile_layers(model); plan.compile = False
                 if plan.offload:
                     plan.offload = False
-                    plan.notes.append(f'memory: no offloading without compiled layers; rows of {plan.tokens_per_row:,} '
-                                      'tokens may not fit the budget (lower training.tokens_per_row if memory runs out)')
+                    plan.notes.append(f'memory: no offloading without compiled layers; rows of '
+                                      f'{plan.tokens_per_row:,} tokens may not fit the budget (lower '
+                                      'training.tokens_per_row if memory runs out)')
                 plan.notes.append(f'training.compile: off, the probe pass failed ({why})')
             elif plan.liger:
                 plan.undo.pop()(); plan.liger = False
