@@ -7,7 +7,7 @@ optimizer states), its peak, its rows and its time. The per-token cost of a row 
 `(peak - start) = c + T x (row + n x kept_in + (L - n) x kept_all)`, printed beside `memory_model`'s estimate.
 Since run 9 a compiled layer is recomputed selectively (`checkpoint_layers`), and the backward pass of such a layer is
 a second moment the peak can fall on (`MemoryModel.backward_fixed`, `recompute_row`), which this linear fit does not
-separate: bench/sac_probe.py measures whole, selective and no recomputation side by side.
+separate; the table's peaks per (T, n) are what to compare with `MemoryModel.peak` (bench/RESULTS.md, run 9).
 
     python bench/memory_probe.py --preset 7B --tokenizer .whl/qwen2.5-tokenizer --out $OUT    # ~4 min on an H200
     python bench/memory_probe.py --smoke                                                     # the tiny model, CPU

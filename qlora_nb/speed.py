@@ -4,7 +4,7 @@
 
 # %% ../nbs/05a_speed.ipynb #5b0e0003
 from __future__ import annotations
-import contextlib, dataclasses, functools, logging, math, types, weakref
+import contextlib, dataclasses, functools, logging, types, weakref
 from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
@@ -122,21 +122,21 @@ def memory_model(model, config, budget_gib: float, chunk: int | None = CE_CHUNK,
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     held = (torch.cuda.memory_allocated(dev) if dev.type == 'cuda' else
             sum(p.numel() * p.element_size() for p in model.parameters()))
-    fixed = held + 12 * trainable + (chunk or 0) * V * 10  # float32 gradients and two Adam states; a chunk of logits
+    adapters = held + 12 * trainable  # with float32 gradients and two Adam states
+    fixed = adapters + (chunk or 0) * V * 10  # and a chunk of logits
     # bytes per token per layer in bfloat16: compiled layers keep less (their graph recomputes what is cheap); a
     # recomputed one keeps its input, and when compiled also attention's output (`checkpoint_layers`)
     kept_all, kept_in = (2 * (7 * d + 3 * ff) if compiled else 2 * (11 * d + 4.2 * ff)), 4 * d
     if config.lora_config.lora_dropout > 0:  # each adapted layer keeps its dropped-out input (and the mask)
         layer = decoder_layers(model)[0]
-        dropped = 3 * sum(m.in_features for m in layer.modules() if hasattr(m, 'lora_A') and len(m.lora_A))
-        kept_all += dropped  # (a compiled layer recomputed keeps only dropout's seeds, and draws the same masks again)
+        # (a compiled layer recomputed keeps only dropout's seeds, and draws the same masks again)
+        kept_all += 3 * sum(m.in_features for m in layer.modules() if hasattr(m, 'lora_A') and len(m.lora_A))
     # in flight; without chunks also every token's logits, their float32 copy, gradient
     row = (8 * d if compiled else 1.6 * kept_all) + (0 if chunk else V * 10)
-    if not compiled: return MemoryModel(usable_bytes(budget_gib), fixed, row, kept_all, kept_in, L)
     # a compiled layer recomputed in its backward pass holds what it recomputes and its gradients (22 x intermediate
     # bytes per token, measured) and its three MLP weights dequantized
-    return MemoryModel(usable_bytes(budget_gib), fixed, row, kept_all, kept_in, L,
-                       backward_fixed=held + 12 * trainable + 6 * d * ff, recompute_row=22 * ff)
+    backward = {'backward_fixed': adapters + 6 * d * ff, 'recompute_row': 22 * ff} if compiled else {}
+    return MemoryModel(usable_bytes(budget_gib), fixed, row, kept_all, kept_in, L, **backward)
 
 # %% ../nbs/05a_speed.ipynb #e7448674
 def decoder_layers(model) -> list:
@@ -188,7 +188,7 @@ class Offload:
     "Move what a row's forward pass saves for its backward pass to pinned CPU memory, and back ahead of the backward."
     def __init__(self, device, ahead: int = 4, min_bytes: int = 2**20):
         self.device, self.ahead, self.min_bytes = torch.device(device), ahead, min_bytes
-        self.stream, self.moved, self.tokens = torch.cuda.Stream(self.device), [], 0
+        self.stream = torch.cuda.Stream(self.device)  # the copies run here, beside the compute
 
     @contextlib.contextmanager
     def row(self, tokens: int):
@@ -343,11 +343,9 @@ def _budget_gib(config, device) -> float:
     return (free + torch.cuda.memory_reserved(device)) / GiB  # what is free, plus what this process holds already
 
 def host_free_bytes() -> float:
-    "CPU memory available now: Linux's MemAvailable, which counts the page cache it can drop (elsewhere: infinite)."
-    try:
-        with open('/proc/meminfo') as f:
-            return next(int(l.split()[1]) * 1024 for l in f if l.startswith('MemAvailable:'))
-    except (OSError, StopIteration, ValueError): return math.inf
+    "CPU memory available now, the page cache the system can drop included (psutil, which accelerate installs)."
+    import psutil
+    return psutil.virtual_memory().available
 
 def speed_plan(config, model, lengths: list[int], examples_per_step: int) -> SpeedPlan:
     "`config.training` resolved for `model` (adapters added), these example `lengths` and `examples_per_step`."
