@@ -305,7 +305,7 @@ def script(c: Check, name, module, fn):
 _nb_locks: dict[str, threading.Lock] = {}
 
 
-def run_notebooks(c: Check, phase, files, workers, flags='', env=None, timeout=300):
+def run_notebooks(c: Check, phase, files, workers, flags='', env=None, timeout=450):
     "`nbdev_test --path NB [--flags F]`, `workers` at a time; one notebook never runs twice at once (a per-notebook lock)."
     def one(f):
         rel = f.relative_to(REPO)
@@ -451,7 +451,7 @@ def main(argv=None):
     ap.add_argument('--steps', type=int, default=4, help='qlora_nb_train steps of the CLI sequence')
     ap.add_argument('--alllinear-steps', type=int, default=10)
     ap.add_argument('--budget', type=float, default=530, help='seconds for the whole check; then everything still running is killed')
-    ap.add_argument('--nb-timeout', type=float, default=300, help='seconds per notebook (no flags)')
+    ap.add_argument('--nb-timeout', type=float, default=450, help='seconds per notebook (no flags)')
     ap.add_argument('--cuda-timeout', type=float, default=420, help='seconds per notebook with --flags cuda')
     ap.add_argument('--step-timeout', type=float, default=400, help='seconds per CLI command')
     ap.add_argument('--serial', action='store_true', help='run the phases one after another instead of side by side')

@@ -398,15 +398,17 @@ def table(info: dict, results: list[dict]) -> str:
     return '\n'.join(s) + '\n'
 
 def bar_chart(results: list[dict], path):
-    "Real tokens a second by row, seed-style rows grey, saved to `path` (PNG)."
+    "Real tokens a second by row, in run order from the top (a repeated row gets a bar of its own), seed-style rows grey."
     from matplotlib.figure import Figure
     rs = [r for r in results if r.get('tokens_per_s')]
     fig = Figure(figsize=(7, 0.35 * len(rs) + 1.2))
     ax = fig.add_subplot()
     colour = {'seed': 'grey', 'unsloth': 'C1'}
-    ax.barh([r['row'] for r in rs][::-1], [r['tokens_per_s'] for r in rs][::-1],
-            color=[colour.get(r.get('setup'), 'C0') for r in rs][::-1])
-    for i, r in enumerate(rs[::-1]): ax.text(r['tokens_per_s'], i, f" {r['tokens_per_s']:,}", va='center', fontsize=8)
+    y = range(len(rs) - 1, -1, -1)
+    ax.barh(y, [r['tokens_per_s'] for r in rs], tick_label=[r['row'] for r in rs],
+            color=[colour.get(r.get('setup'), 'C0') for r in rs])
+    for i, r in zip(y, rs): ax.text(r['tokens_per_s'], i, f" {r['tokens_per_s']:,}", va='center', fontsize=8)
+    ax.set_xlim(0, 1.15 * max(r['tokens_per_s'] for r in rs))  # room for the largest bar's figure
     ax.set_xlabel('real (non-padding) tokens per second'); ax.grid(axis='x', alpha=0.3)
     fig.tight_layout(); fig.savefig(path, dpi=110)
     return fig
