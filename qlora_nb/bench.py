@@ -398,7 +398,7 @@ def table(info: dict, results: list[dict]) -> str:
     return '\n'.join(s) + '\n'
 
 def bar_chart(results: list[dict], path):
-    "Real tokens a second by row, in run order from the top (a repeated row gets a bar of its own), seed-style rows grey."
+    "Real tokens a second by row, in run order from the top (a repeated row gets a bar of its own), seed rows grey."
     from matplotlib.figure import Figure
     rs = [r for r in results if r.get('tokens_per_s')]
     fig = Figure(figsize=(7, 0.35 * len(rs) + 1.2))

@@ -168,13 +168,7 @@ def checkpoint_layers(model, n: int) -> int:
         else: vars(layer).pop('forward', None)
     return n
 
-# %% ../nbs/05a_speed.ipynb #0ff10ad2
-class _Moved:
-    "A tensor that `Offload` moved to CPU memory: its copy there, its copy back, and how many saved slots still use it."
-    def __init__(self, i: int, cpu, t):
-        self.i, self.cpu, self.gpu, self.ready, self.uses = i, cpu, None, None, 1
-        self.of, self.version = weakref.ref(t), t._version
-
+# %% ../nbs/05a_speed.ipynb #0ff10ad6
 def _dense(t) -> bool:
     "Whether `t` covers its memory span once, with no gaps and no overlap: a copy with its strides holds it all."
     span = 1
@@ -183,6 +177,13 @@ def _dense(t) -> bool:
         if stride != span: return False
         span *= size
     return True
+
+# %% ../nbs/05a_speed.ipynb #0ff10ad2
+class _Moved:
+    "A tensor that `Offload` moved to CPU memory: its copy there, its copy back, and how many saved slots still use it."
+    def __init__(self, i: int, cpu, t):
+        self.i, self.cpu, self.gpu, self.ready, self.uses = i, cpu, None, None, 1
+        self.of, self.version = weakref.ref(t), t._version
 
 class Offload:
     "Move what a row's forward pass saves for its backward pass to pinned CPU memory, and back ahead of the backward."
@@ -378,8 +379,10 @@ def speed_plan(config, model, lengths: list[int], examples_per_step: int) -> Spe
         step = sum(sorted(lengths, reverse=True)[:examples_per_step]) or longest  # the most tokens a step can hold
         n = L if p.checkpointing == 'auto' else p.checkpointing
         host = host_free_bytes() / 2  # what offloading may pin
-        fits = lambda T: p.memory is None or p.memory.peak(T, n) <= p.memory.budget or (
-            p.offload and n == L and p.memory.peak(T, n, True) <= p.memory.budget and T * L * p.memory.kept_in <= host)
+        def fits(T):
+            if p.memory is None or p.memory.peak(T, n) <= p.memory.budget: return True
+            return (p.offload and n == L and p.memory.peak(T, n, offload=True) <= p.memory.budget
+                    and T * L * p.memory.kept_in <= host)  # every layer recomputed, what they keep in CPU memory
         # sdpa (and eager) keep packed examples apart with a mask over the whole row: attention grows with its square
         cap = max(round_up(longest, 64), (4096 if cuda else 1024) if p.attention in ('sdpa', 'eager')
                   else ROW_SIZES[0])
